@@ -1,0 +1,11 @@
+//! Trellis domain model: the names, addresses and configuration types every other crate shares.
+//!
+//! This crate does no I/O. It parses and validates; callers decide where bytes come from, so
+//! validation is the same whether config arrives from a file, a flag or (later) the control plane.
+
+pub mod duration;
+pub mod names;
+pub mod proxy_config;
+
+pub use names::{NameError, Namespace, ServiceName};
+pub use proxy_config::{ConfigError, Destination, Endpoint, ProtocolHint, StaticConfig};

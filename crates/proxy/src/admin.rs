@@ -1,0 +1,172 @@
+//! The admin server: `/live`, `/ready`, `/metrics`, `/config`, `/log-level`, `/shutdown`.
+//!
+//! It runs on its own single-threaded runtime in its own OS thread, so a slow scrape or a burst
+//! of admin calls never takes a worker from the data path (and a saturated data path never
+//! makes `/live` time out). It binds to localhost by default; `/shutdown` and `PUT /log-level`
+//! only answer loopback clients whatever the bind address.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::registry::Registry;
+
+use crate::drain::Drain;
+
+/// Reads and changes the process log filter at run time.
+pub trait LogLevel: Send + Sync {
+    fn get(&self) -> String;
+    fn set(&self, filter: &str) -> Result<(), String>;
+}
+
+/// What the admin server reads.
+pub struct AdminState {
+    pub registry: Registry,
+    pub ready: Arc<AtomicBool>,
+    pub drain: Drain,
+    pub config: serde_json::Value,
+    pub log_level: Arc<dyn LogLevel>,
+}
+
+/// Starts the admin server on a dedicated thread. Stops when the process exits.
+pub fn spawn(listener: std::net::TcpListener, state: AdminState) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let state = Arc::new(state);
+    std::thread::Builder::new()
+        .name("admin".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "admin listener failed");
+                        return;
+                    }
+                };
+                loop {
+                    let Ok((stream, client)) = listener.accept().await else {
+                        continue;
+                    };
+                    let state = state.clone();
+                    tokio::spawn(async move {
+                        let svc = hyper::service::service_fn(move |req| {
+                            let state = state.clone();
+                            async move { Ok::<_, Infallible>(route(req, client, &state).await) }
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .timer(TokioTimer::new())
+                            .header_read_timeout(std::time::Duration::from_secs(10))
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await;
+                    });
+                }
+            })
+        })?;
+    Ok(())
+}
+
+type AdminResponse = Response<Full<Bytes>>;
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> AdminResponse {
+    let mut rsp = Response::new(Full::new(body.into()));
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(
+        CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    rsp
+}
+
+async fn route(req: Request<Incoming>, client: SocketAddr, state: &AdminState) -> AdminResponse {
+    let local_client = client.ip().is_loopback();
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
+        (&Method::GET, "/ready") => {
+            if state.drain.is_draining() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else if state.ready.load(Ordering::Acquire) {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            }
+        }
+        (&Method::GET, "/metrics") => match crate::metrics::encode(&state.registry) {
+            Ok(body) => {
+                let mut rsp = text(StatusCode::OK, body);
+                rsp.headers_mut().insert(
+                    CONTENT_TYPE,
+                    http::HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                rsp
+            }
+            Err(_) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "metrics encoding failed\n",
+            ),
+        },
+        (&Method::GET, "/config") => {
+            let mut rsp = text(
+                StatusCode::OK,
+                serde_json::to_vec_pretty(&state.config).unwrap_or_default(),
+            );
+            rsp.headers_mut().insert(
+                CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            rsp
+        }
+        (&Method::GET, "/log-level") => {
+            text(StatusCode::OK, format!("{}\n", state.log_level.get()))
+        }
+        (&Method::PUT, "/log-level") | (&Method::POST, "/log-level") => {
+            if !local_client {
+                return text(
+                    StatusCode::FORBIDDEN,
+                    "log-level changes are allowed from localhost only\n",
+                );
+            }
+            let body = match Limited::new(req.into_body(), 4096).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "filter too long\n"),
+            };
+            let filter = String::from_utf8_lossy(&body).trim().to_owned();
+            match state.log_level.set(&filter) {
+                Ok(()) => text(StatusCode::OK, format!("{filter}\n")),
+                Err(e) => text(
+                    StatusCode::BAD_REQUEST,
+                    format!("invalid log filter {filter:?}: {e}\n"),
+                ),
+            }
+        }
+        (&Method::POST, "/shutdown") => {
+            if !local_client {
+                return text(
+                    StatusCode::FORBIDDEN,
+                    "shutdown is allowed from localhost only\n",
+                );
+            }
+            tracing::info!("shutdown requested via admin");
+            state.drain.start();
+            text(StatusCode::ACCEPTED, "draining\n")
+        }
+        (_, "/live" | "/ready" | "/metrics" | "/config" | "/log-level" | "/shutdown") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /live /ready /metrics /config /log-level /shutdown\n",
+        ),
+    }
+}

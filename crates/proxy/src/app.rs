@@ -1,0 +1,219 @@
+//! Wiring: builds metrics, clients and stacks from [`ProxyConfig`], binds every listener and
+//! starts serving. Used by the binary and by in-process integration tests alike.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use trellis_core::{Destination, ServiceName};
+
+use crate::access_log::AccessLog;
+use crate::admin::{self, AdminState, LogLevel};
+use crate::config::ProxyConfig;
+use crate::drain::Drain;
+use crate::http::client::{ClientSettings, Clients};
+use crate::http::inbound::ForwardToApp;
+use crate::http::outbound::{DestinationState, Destinations, Forward};
+use crate::http::stack;
+use crate::http::tunnel::TunnelCtx;
+use crate::metrics::{Label, Metrics};
+use crate::server::{self, ConnLimits, ListenerKind, ServerCtx};
+
+/// Addresses actually bound (ports may have been 0).
+#[derive(Debug, Clone, Serialize)]
+pub struct Bound {
+    pub outbound: SocketAddr,
+    pub inbound: SocketAddr,
+    pub admin: SocketAddr,
+    pub upstreams: BTreeMap<ServiceName, SocketAddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} ({what}): {source}")]
+pub struct BindError {
+    what: String,
+    addr: SocketAddr,
+    #[source]
+    source: std::io::Error,
+}
+
+/// A started proxy.
+pub struct Running {
+    pub bound: Bound,
+    pub drain: Drain,
+    pub metrics: Metrics,
+    drain_timeout: std::time::Duration,
+}
+
+impl Running {
+    /// Waits until drain is requested (admin `/shutdown`, or [`Drain::start`] by a signal
+    /// handler), then drains. Returns whether all work finished before the deadline.
+    pub async fn wait_and_drain(&self) -> bool {
+        self.drain.signaled().await;
+        tracing::info!(deadline = ?self.drain_timeout, "draining");
+        let clean = self.drain.drain(self.drain_timeout).await;
+        if clean {
+            tracing::info!("drained");
+        } else {
+            tracing::warn!("drain deadline reached with work in flight");
+        }
+        clean
+    }
+}
+
+async fn bind(what: impl Into<String>, addr: SocketAddr) -> Result<TcpListener, BindError> {
+    TcpListener::bind(addr).await.map_err(|source| BindError {
+        what: what.into(),
+        addr,
+        source,
+    })
+}
+
+/// Binds all listeners and starts serving on the current (data-path) runtime; the admin server
+/// gets its own thread and runtime.
+pub async fn start(
+    config: ProxyConfig,
+    log_level: Arc<dyn LogLevel>,
+) -> Result<Running, BindError> {
+    let mut registry = Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let access_log = AccessLog::start(&config.access_log).map_err(|source| BindError {
+        what: "access log".into(),
+        addr: ([0, 0, 0, 0], 0).into(),
+        source,
+    })?;
+    let drain = Drain::new();
+    let clients = Clients::new(ClientSettings {
+        connect_timeout: config.connect_timeout,
+        idle_timeout: config.idle_timeout,
+    });
+    let tunnels = TunnelCtx {
+        metrics: metrics.clone(),
+        access_log: access_log.clone(),
+        drain: drain.clone(),
+    };
+    let destinations = Arc::new(Destinations::new(
+        &config.destinations,
+        config.namespace.clone(),
+    ));
+    let ctx = Arc::new(ServerCtx {
+        service: Label::from(config.service.as_str()),
+        app: config.app,
+        inbound_protocol: config.inbound_protocol,
+        limits: ConnLimits {
+            detect_timeout: config.detect_timeout,
+            header_read_timeout: config.header_read_timeout,
+            max_header_bytes: config.max_header_bytes,
+        },
+        destinations: destinations.clone(),
+        clients: clients.clone(),
+        outbound: stack::outbound(
+            Forward::new(clients.clone(), tunnels.clone()),
+            &metrics,
+            &access_log,
+        ),
+        inbound: stack::inbound(
+            ForwardToApp::new(config.app, clients, tunnels),
+            &metrics,
+            &access_log,
+        ),
+        metrics: metrics.clone(),
+        access_log,
+        drain: drain.clone(),
+    });
+
+    let outbound = bind("outbound", config.outbound_addr).await?;
+    let inbound = bind("inbound", config.inbound_addr).await?;
+    let admin_listener =
+        std::net::TcpListener::bind(config.admin_addr).map_err(|source| BindError {
+            what: "admin".into(),
+            addr: config.admin_addr,
+            source,
+        })?;
+    let mut upstream_listeners = Vec::new();
+    let mut bound_upstreams = BTreeMap::new();
+    for (name, addr) in &config.upstreams {
+        let listener = bind(format!("upstream {name}"), *addr).await?;
+        let dest = destinations.get(name).cloned().unwrap_or_else(|| {
+            // Declared as an upstream but with no destination entry: every call gets a clear
+            // 503 no-endpoints rather than a refused connection.
+            Arc::new(DestinationState::new(
+                name.clone(),
+                Destination {
+                    protocol: Default::default(),
+                    timeout: None,
+                    endpoints: Vec::new(),
+                },
+            ))
+        });
+        bound_upstreams.insert(name.clone(), local_addr(&listener, *addr));
+        upstream_listeners.push((listener, dest));
+    }
+    let bound = Bound {
+        outbound: local_addr(&outbound, config.outbound_addr),
+        inbound: local_addr(&inbound, config.inbound_addr),
+        admin: admin_listener.local_addr().unwrap_or(config.admin_addr),
+        upstreams: bound_upstreams,
+    };
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let config_json = serde_json::json!({
+        "config": &config,
+        "listening": &bound,
+        "identity": null,
+    });
+    admin::spawn(
+        admin_listener,
+        AdminState {
+            registry,
+            ready: ready.clone(),
+            drain: drain.clone(),
+            config: config_json,
+            log_level,
+        },
+    )
+    .map_err(|source| BindError {
+        what: "admin".into(),
+        addr: bound.admin,
+        source,
+    })?;
+
+    tokio::spawn(server::serve(outbound, ListenerKind::Outbound, ctx.clone()));
+    tokio::spawn(server::serve(inbound, ListenerKind::Inbound, ctx.clone()));
+    for (listener, dest) in upstream_listeners {
+        tokio::spawn(server::serve(
+            listener,
+            ListenerKind::Upstream(dest),
+            ctx.clone(),
+        ));
+    }
+    // Static mode: the config is complete as soon as the listeners are up.
+    ready.store(true, Ordering::Release);
+    tracing::info!(
+        service = %config.service,
+        outbound = %bound.outbound,
+        inbound = %bound.inbound,
+        admin = %bound.admin,
+        upstreams = %bound
+            .upstreams
+            .iter()
+            .map(|(name, addr)| format!("{name}={addr}"))
+            .collect::<Vec<_>>()
+            .join(","),
+        "listening"
+    );
+    Ok(Running {
+        bound,
+        drain,
+        metrics,
+        drain_timeout: config.drain_timeout,
+    })
+}
+
+fn local_addr(l: &TcpListener, fallback: SocketAddr) -> SocketAddr {
+    l.local_addr().unwrap_or(fallback)
+}

@@ -1,0 +1,384 @@
+//! Proxy configuration: flags (each also from `TRELLIS_<FLAG>`), merged with the optional
+//! static file, validated once into [`ProxyConfig`]. The result is what `/config` shows.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Serialize;
+use trellis_core::duration::parse_duration;
+use trellis_core::proxy_config::{RawStaticConfig, parse_socket_addr};
+use trellis_core::{ConfigError, Destination, Namespace, ProtocolHint, ServiceName, StaticConfig};
+
+use crate::access_log::AccessLogTarget;
+
+/// Command-line flags of `trellis-proxy`.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "trellis-proxy", version, about = "The Trellis sidecar proxy")]
+pub struct Args {
+    /// The service this instance belongs to (required unless the --config file names it).
+    #[arg(long, env = "TRELLIS_SERVICE")]
+    pub service: Option<String>,
+    /// Namespace of the service.
+    #[arg(long, env = "TRELLIS_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Unique instance id (default: hostname-pid).
+    #[arg(long, env = "TRELLIS_INSTANCE")]
+    pub instance: Option<String>,
+    /// Where the local app listens.
+    #[arg(long, env = "TRELLIS_APP", default_value = "127.0.0.1:8080")]
+    pub app: String,
+    /// Listener for other proxies and callers of this service.
+    #[arg(long, env = "TRELLIS_INBOUND", default_value = "0.0.0.0:4143")]
+    pub inbound: String,
+    /// Listener for the app's outgoing calls (HTTP-proxy style: set HTTP_PROXY to it).
+    #[arg(long, env = "TRELLIS_OUTBOUND", default_value = "127.0.0.1:4140")]
+    pub outbound: String,
+    /// Admin server (/live, /ready, /metrics, /config, /log-level, /shutdown).
+    #[arg(long, env = "TRELLIS_ADMIN", default_value = "127.0.0.1:4191")]
+    pub admin: String,
+    /// A local port forwarding anything (HTTP, gRPC, TCP) to service NAME: NAME=ADDR. Repeatable.
+    #[arg(long = "upstream", env = "TRELLIS_UPSTREAM", value_delimiter = ',')]
+    pub upstreams: Vec<String>,
+    /// Static mode: destinations, endpoints and protocol hints from a YAML/JSON file.
+    #[arg(long, env = "TRELLIS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Locality reported to the registry.
+    #[arg(long, env = "TRELLIS_ZONE")]
+    pub zone: Option<String>,
+    /// Labels reported to the registry: K=V. Repeatable.
+    #[arg(long = "label", env = "TRELLIS_LABEL", value_delimiter = ',')]
+    pub labels: Vec<String>,
+    /// Address other proxies dial to reach this instance (default: the inbound address).
+    #[arg(long, env = "TRELLIS_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Process log format: plain or json.
+    #[arg(long, env = "TRELLIS_LOG_FORMAT", default_value = "plain")]
+    pub log_format: String,
+    /// Process log level or filter (e.g. info, debug, trellis_proxy=trace).
+    #[arg(long, env = "TRELLIS_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    /// Access log: a file path, stdout, or off.
+    #[arg(long, env = "TRELLIS_ACCESS_LOG", default_value = "off")]
+    pub access_log: String,
+    /// How long protocol detection waits for a client's first bytes.
+    #[arg(long, env = "TRELLIS_DETECT_TIMEOUT", default_value = "100ms")]
+    pub detect_timeout: String,
+    /// How long in-flight work may take to finish after SIGTERM or /shutdown.
+    #[arg(long, env = "TRELLIS_DRAIN_TIMEOUT", default_value = "30s")]
+    pub drain_timeout: String,
+    /// Upstream connect timeout.
+    #[arg(long, env = "TRELLIS_CONNECT_TIMEOUT", default_value = "1s")]
+    pub connect_timeout: String,
+    /// Deadline for a client to send a complete request head (slowloris guard).
+    #[arg(long, env = "TRELLIS_HEADER_READ_TIMEOUT", default_value = "10s")]
+    pub header_read_timeout: String,
+    /// Idle time after which pooled upstream connections are closed.
+    #[arg(long, env = "TRELLIS_IDLE_TIMEOUT", default_value = "90s")]
+    pub idle_timeout: String,
+    /// Largest accepted HTTP/1 request head, in bytes.
+    #[arg(long, env = "TRELLIS_MAX_HEADER_BYTES", default_value_t = 65_536)]
+    pub max_header_bytes: usize,
+    /// Data-path worker threads (default: number of CPUs).
+    #[arg(long, env = "TRELLIS_WORKERS")]
+    pub workers: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+/// Validated configuration of one proxy.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProxyConfig {
+    pub service: ServiceName,
+    pub namespace: Namespace,
+    pub instance: String,
+    pub app: SocketAddr,
+    pub inbound_addr: SocketAddr,
+    pub outbound_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub advertise: Option<SocketAddr>,
+    pub zone: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub upstreams: BTreeMap<ServiceName, SocketAddr>,
+    pub inbound_protocol: ProtocolHint,
+    pub destinations: BTreeMap<ServiceName, Destination>,
+    pub config_file: Option<PathBuf>,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub access_log: AccessLogTarget,
+    #[serde(with = "duration_str")]
+    pub detect_timeout: Duration,
+    #[serde(with = "duration_str")]
+    pub drain_timeout: Duration,
+    #[serde(with = "duration_str")]
+    pub connect_timeout: Duration,
+    #[serde(with = "duration_str")]
+    pub header_read_timeout: Duration,
+    #[serde(with = "duration_str")]
+    pub idle_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub workers: usize,
+}
+
+mod duration_str {
+    pub(super) fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&trellis_core::duration::format_duration(*d))
+    }
+}
+
+/// Why the configuration was refused. The binary exits 64 with this message.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidConfig {
+    #[error("--{flag}: {reason}")]
+    Flag { flag: &'static str, reason: String },
+    #[error("{file}: {source}")]
+    File {
+        file: String,
+        #[source]
+        source: ConfigError,
+    },
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn flag<T>(flag: &'static str, r: Result<T, impl std::fmt::Display>) -> Result<T, InvalidConfig> {
+    r.map_err(|e| InvalidConfig::Flag {
+        flag,
+        reason: e.to_string(),
+    })
+}
+
+impl ProxyConfig {
+    /// Validates flags and reads the static file, if any.
+    pub fn from_args(args: Args) -> Result<Self, InvalidConfig> {
+        let file_config = match &args.config {
+            Some(path) => {
+                let file = path.display().to_string();
+                let text = std::fs::read_to_string(path).map_err(|source| InvalidConfig::Read {
+                    file: file.clone(),
+                    source,
+                })?;
+                let mut raw: RawStaticConfig = if text.trim().is_empty() {
+                    RawStaticConfig::default()
+                } else {
+                    StaticConfig::parse_raw(&text).map_err(|source| InvalidConfig::File {
+                        file: file.clone(),
+                        source,
+                    })?
+                };
+                if let Some(service) = &args.service {
+                    raw.service = Some(service.clone());
+                }
+                if let Some(ns) = &args.namespace {
+                    raw.namespace = Some(ns.clone());
+                }
+                Some(
+                    StaticConfig::from_raw(raw)
+                        .map_err(|source| InvalidConfig::File { file, source })?,
+                )
+            }
+            None => None,
+        };
+        let (service, namespace, mut upstreams, inbound_protocol, destinations) = match file_config
+        {
+            Some(c) => (
+                c.service,
+                c.namespace,
+                c.upstreams,
+                c.inbound_protocol,
+                c.destinations,
+            ),
+            None => {
+                let service = args.service.as_deref().ok_or(InvalidConfig::Flag {
+                    flag: "service",
+                    reason: "is required (or use --config with a `service:` field)".into(),
+                })?;
+                let namespace = match &args.namespace {
+                    Some(ns) => flag("namespace", Namespace::new(ns.as_str()))?,
+                    None => Namespace::default(),
+                };
+                (
+                    flag("service", ServiceName::new(service))?,
+                    namespace,
+                    BTreeMap::new(),
+                    ProtocolHint::Detect,
+                    BTreeMap::new(),
+                )
+            }
+        };
+        for spec in &args.upstreams {
+            let (name, addr) = spec.split_once('=').ok_or_else(|| InvalidConfig::Flag {
+                flag: "upstream",
+                reason: format!("{spec:?} is not NAME=ADDR"),
+            })?;
+            let name = flag("upstream", ServiceName::new(name))?;
+            let addr = flag("upstream", parse_socket_addr(addr))?;
+            upstreams.insert(name, addr);
+        }
+        let mut labels = BTreeMap::new();
+        for spec in &args.labels {
+            let (k, v) = spec.split_once('=').ok_or_else(|| InvalidConfig::Flag {
+                flag: "label",
+                reason: format!("{spec:?} is not K=V"),
+            })?;
+            labels.insert(k.to_owned(), v.to_owned());
+        }
+        let log_format = match args.log_format.as_str() {
+            "plain" => LogFormat::Plain,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(InvalidConfig::Flag {
+                    flag: "log-format",
+                    reason: format!("{other:?} is not plain or json"),
+                });
+            }
+        };
+        let positive = |name: &'static str, s: &str| -> Result<Duration, InvalidConfig> {
+            let d = flag(name, parse_duration(s))?;
+            if d.is_zero() {
+                return Err(InvalidConfig::Flag {
+                    flag: name,
+                    reason: "must be greater than zero".into(),
+                });
+            }
+            Ok(d)
+        };
+        if args.max_header_bytes < 1024 {
+            return Err(InvalidConfig::Flag {
+                flag: "max-header-bytes",
+                reason: "must be at least 1024".into(),
+            });
+        }
+        let workers = match args.workers {
+            Some(0) => {
+                return Err(InvalidConfig::Flag {
+                    flag: "workers",
+                    reason: "must be at least 1".into(),
+                });
+            }
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        };
+        Ok(Self {
+            instance: args.instance.unwrap_or_else(default_instance),
+            app: flag("app", parse_socket_addr(&args.app))?,
+            inbound_addr: flag("inbound", parse_socket_addr(&args.inbound))?,
+            outbound_addr: flag("outbound", parse_socket_addr(&args.outbound))?,
+            admin_addr: flag("admin", parse_socket_addr(&args.admin))?,
+            advertise: args
+                .advertise
+                .as_deref()
+                .map(|a| flag("advertise", parse_socket_addr(a)))
+                .transpose()?,
+            zone: args.zone,
+            labels,
+            service,
+            namespace,
+            upstreams,
+            inbound_protocol,
+            destinations,
+            config_file: args.config,
+            log_format,
+            log_level: args.log_level,
+            access_log: flag("access-log", args.access_log.parse())?,
+            detect_timeout: positive("detect-timeout", &args.detect_timeout)?,
+            drain_timeout: positive("drain-timeout", &args.drain_timeout)?,
+            connect_timeout: positive("connect-timeout", &args.connect_timeout)?,
+            header_read_timeout: positive("header-read-timeout", &args.header_read_timeout)?,
+            idle_timeout: positive("idle-timeout", &args.idle_timeout)?,
+            max_header_bytes: args.max_header_bytes,
+            workers,
+        })
+    }
+}
+
+fn default_instance() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{host}-{}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<ProxyConfig, InvalidConfig> {
+        let args =
+            Args::try_parse_from(std::iter::once("trellis-proxy").chain(args.iter().copied()))
+                .expect("clap");
+        ProxyConfig::from_args(args)
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = parse(&["--service", "web"]).expect("valid");
+        assert_eq!(c.outbound_addr.to_string(), "127.0.0.1:4140");
+        assert_eq!(c.inbound_addr.to_string(), "0.0.0.0:4143");
+        assert_eq!(c.admin_addr.to_string(), "127.0.0.1:4191");
+        assert_eq!(c.app.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.detect_timeout, Duration::from_millis(100));
+        assert_eq!(c.drain_timeout, Duration::from_secs(30));
+        assert_eq!(c.namespace.as_str(), "default");
+    }
+
+    #[test]
+    fn upstreams_are_repeatable() {
+        let c = parse(&[
+            "--service",
+            "web",
+            "--upstream",
+            "a=127.0.0.1:1",
+            "--upstream",
+            "b=127.0.0.1:2",
+        ])
+        .expect("valid");
+        assert_eq!(c.upstreams.len(), 2);
+    }
+
+    #[test]
+    fn bad_flags_name_the_flag() {
+        let e = parse(&[]).expect_err("service required");
+        assert!(e.to_string().starts_with("--service"), "{e}");
+        let e = parse(&["--service", "web", "--upstream", "nope"]).expect_err("bad");
+        assert!(e.to_string().starts_with("--upstream"), "{e}");
+        let e = parse(&["--service", "web", "--detect-timeout", "0ms"]).expect_err("bad");
+        assert!(e.to_string().starts_with("--detect-timeout"), "{e}");
+        let e = parse(&["--service", "web", "--app", "localhost"]).expect_err("bad");
+        assert!(e.to_string().starts_with("--app"), "{e}");
+    }
+
+    #[test]
+    fn file_errors_name_file_and_field() {
+        let path = std::env::temp_dir().join(format!("trellis-cfg-{}.yaml", std::process::id()));
+        std::fs::write(
+            &path,
+            "service: web\ndestinations:\n  pay:\n    endpoints:\n      - address: bad\n",
+        )
+        .expect("write");
+        let e = parse(&["--config", path.to_str().expect("utf8")]).expect_err("invalid");
+        let msg = e.to_string();
+        assert!(msg.contains("trellis-cfg-"), "{msg}");
+        assert!(
+            msg.contains("destinations.pay.endpoints[0].address"),
+            "{msg}"
+        );
+        let _ = std::fs::remove_file(path);
+    }
+}

@@ -1,0 +1,182 @@
+//! Upstream HTTP clients.
+//!
+//! - [`H2Pool`]: one multiplexed HTTP/2 connection per address. Used toward peer proxies (all
+//!   mesh HTTP rides it, HTTP/1 included) and toward HTTP/2/gRPC servers. A new connection is
+//!   made only when the current one is closed; concurrent callers wait for that one connect
+//!   instead of each dialing their own.
+//! - [`Clients::http1`]: hyper-util's pooled HTTP/1.1 keep-alive client for plain HTTP/1 servers
+//!   (and for `Upgrade` requests, which need a connection of their own).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http2;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use crate::body::Body;
+use crate::error::ProxyError;
+
+/// Connection settings shared by all upstream clients.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientSettings {
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// Every client the proxy uses to reach upstreams. Cheap to clone.
+#[derive(Clone)]
+pub struct Clients {
+    pub http1: Client<HttpConnector, Body>,
+    pub h2: H2Pool,
+    settings: ClientSettings,
+}
+
+impl Clients {
+    pub fn new(settings: ClientSettings) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(settings.connect_timeout));
+        let http1 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(settings.idle_timeout)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            // The request keeps the Host the app sent, not the endpoint's address.
+            .set_host(false)
+            .build(connector);
+        Self {
+            http1,
+            h2: H2Pool::new(settings),
+            settings,
+        }
+    }
+
+    /// Sends an HTTP/1.1 request to `addr`, keeping its Host header. `req`'s URI is rewritten to
+    /// point at `addr`.
+    pub async fn send_http1(
+        &self,
+        addr: SocketAddr,
+        mut req: Request<Body>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        *req.uri_mut() = format!("http://{addr}{path}")
+            .parse()
+            .map_err(|e| ProxyError::Malformed(format!("uri: {e}")))?;
+        *req.version_mut() = http::Version::HTTP_11;
+        self.http1.request(req).await.map_err(|e| {
+            if e.is_connect() {
+                ProxyError::ConnectFailed {
+                    addr,
+                    source: std::io::Error::other(e.to_string()),
+                }
+            } else {
+                ProxyError::upstream(e)
+            }
+        })
+    }
+
+    pub fn settings(&self) -> ClientSettings {
+        self.settings
+    }
+}
+
+/// Dials `addr` with the configured timeout and TCP_NODELAY.
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ProxyError> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| ProxyError::ConnectTimeout { addr })?
+        .map_err(|source| ProxyError::ConnectFailed { addr, source })?;
+    // Latency matters more than packet count for request/response traffic.
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// One shared HTTP/2 connection per upstream address.
+#[derive(Clone)]
+pub struct H2Pool {
+    slots: Arc<Mutex<HashMap<SocketAddr, Arc<Slot>>>>,
+    settings: ClientSettings,
+}
+
+#[derive(Default)]
+struct Slot {
+    current: Mutex<Option<http2::SendRequest<Body>>>,
+    /// Held while dialing so concurrent callers share one new connection.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl Slot {
+    fn ready_sender(&self) -> Option<http2::SendRequest<Body>> {
+        let guard = self.current.lock().ok()?;
+        guard.as_ref().filter(|s| !s.is_closed()).cloned()
+    }
+}
+
+impl H2Pool {
+    pub fn new(settings: ClientSettings) -> Self {
+        Self {
+            slots: Arc::default(),
+            settings,
+        }
+    }
+
+    fn slot(&self, addr: SocketAddr) -> Arc<Slot> {
+        // A poisoned lock only means another thread panicked mid-insert; the map is still usable.
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.entry(addr).or_default().clone()
+    }
+
+    /// A sender on a live connection to `addr`, dialing one if needed.
+    pub async fn sender(&self, addr: SocketAddr) -> Result<http2::SendRequest<Body>, ProxyError> {
+        let slot = self.slot(addr);
+        if let Some(s) = slot.ready_sender() {
+            return Ok(s);
+        }
+        let _dialing = slot.connecting.lock().await;
+        if let Some(s) = slot.ready_sender() {
+            return Ok(s);
+        }
+        let stream = connect(addr, self.settings.connect_timeout).await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .adaptive_window(true)
+            .keep_alive_interval(Some(Duration::from_secs(20)))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .handshake::<_, Body>(TokioIo::new(stream))
+            .await
+            .map_err(|e| ProxyError::ConnectFailed {
+                addr,
+                source: std::io::Error::other(e),
+            })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%addr, error = %e, "http/2 upstream connection ended");
+            }
+        });
+        if let Ok(mut current) = slot.current.lock() {
+            *current = Some(sender.clone());
+        }
+        Ok(sender)
+    }
+
+    /// Sends a request over the shared connection to `addr`. The URI must be absolute.
+    pub async fn send(
+        &self,
+        addr: SocketAddr,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let mut sender = self.sender(addr).await?;
+        sender.ready().await.map_err(ProxyError::upstream)?;
+        sender.send_request(req).await.map_err(ProxyError::upstream)
+    }
+}

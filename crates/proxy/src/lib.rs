@@ -1,0 +1,27 @@
+//! `trellis-proxy`: the Trellis sidecar.
+//!
+//! Request path (see the project's `ARCHITECTURE.md`):
+//! accept ([`server`]) → protocol detection ([`detect`]) → HTTP stack ([`http`]) or opaque TCP
+//! ([`tcp`]) → endpoint ([`http::client`]). Everything observable goes through [`metrics`] and
+//! [`access_log`], both passed down as arguments. The admin server ([`admin`]) runs on its own
+//! small runtime so a scrape never competes with traffic.
+
+pub mod access_log;
+pub mod admin;
+pub mod app;
+pub mod body;
+pub mod config;
+pub mod detect;
+pub mod drain;
+pub mod error;
+pub mod head;
+pub mod http;
+pub mod io;
+pub mod layers;
+pub mod logging;
+pub mod metrics;
+pub mod server;
+pub mod tcp;
+
+/// The error type every boxed body and service boundary uses.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

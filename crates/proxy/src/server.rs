@@ -1,0 +1,392 @@
+//! Accept loops: every listener accepts, detects the protocol, and hands the connection to the
+//! HTTP stack of its direction or to the opaque TCP path. Each connection is a task tracked by
+//! [`Drain`], so shutdown can wait for it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use http::{Request, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tower::ServiceExt;
+use trellis_core::ProtocolHint;
+
+use crate::access_log::AccessLog;
+use crate::body;
+use crate::detect::{self, DetectReason, Detected, Protocol};
+use crate::drain::Drain;
+use crate::head::{HeadCheck, check_request_head};
+use crate::http::client::{self, Clients};
+use crate::http::headers;
+use crate::http::outbound::{DestinationState, Destinations, Target, open_tcp};
+use crate::http::stack::HttpStack;
+use crate::http::{Direction, RequestMeta};
+use crate::io::PrefixedIo;
+use crate::layers::error_response::raw_http1_error;
+use crate::layers::timeout::RequestTimeout;
+use crate::metrics::{DetectLabels, Label, ListenerLabels, Metrics, UNKNOWN};
+use crate::tcp::{BoxedIo, TcpFlow, splice};
+
+type ResponseFuture = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<http::Response<body::Body>, std::convert::Infallible>,
+            > + Send,
+    >,
+>;
+
+/// Limits applied to every client connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    pub detect_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+}
+
+/// What a listener is for.
+#[derive(Debug, Clone)]
+pub enum ListenerKind {
+    /// The app's outgoing calls, routed by authority (HTTP-proxy style).
+    Outbound,
+    /// Calls to this service, forwarded to the app.
+    Inbound,
+    /// An `--upstream` port: everything goes to one service.
+    Upstream(Arc<DestinationState>),
+}
+
+impl ListenerKind {
+    fn name(&self) -> &'static str {
+        match self {
+            ListenerKind::Outbound => "outbound",
+            ListenerKind::Inbound => "inbound",
+            ListenerKind::Upstream(_) => "upstream",
+        }
+    }
+
+    fn direction(&self) -> Direction {
+        match self {
+            ListenerKind::Inbound => Direction::Inbound,
+            _ => Direction::Outbound,
+        }
+    }
+}
+
+/// Everything connection handlers share.
+pub struct ServerCtx {
+    pub service: Label,
+    pub app: SocketAddr,
+    pub inbound_protocol: ProtocolHint,
+    pub limits: ConnLimits,
+    pub destinations: Arc<Destinations>,
+    pub clients: Clients,
+    pub outbound: HttpStack,
+    pub inbound: HttpStack,
+    pub metrics: Metrics,
+    pub access_log: AccessLog,
+    pub drain: Drain,
+}
+
+/// Accepts until drain starts, then drops the listener (closing the port).
+pub async fn serve(listener: TcpListener, kind: ListenerKind, ctx: Arc<ServerCtx>) {
+    let drain = ctx.drain.clone();
+    let signaled = drain.signaled();
+    tokio::pin!(signaled);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = &mut signaled => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, client)) => {
+                let (kind, ctx) = (kind.clone(), ctx.clone());
+                drain.spawn(async move { handle(stream, client, kind, ctx).await });
+            }
+            Err(e) => {
+                // Typically EMFILE: back off briefly instead of spinning.
+                tracing::warn!(listener = kind.name(), error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    tracing::debug!(listener = kind.name(), "listener closed for drain");
+}
+
+/// Decrements the open-connections gauge when the connection ends, however it ends.
+struct OpenConn(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+async fn handle(
+    mut stream: TcpStream,
+    client: SocketAddr,
+    kind: ListenerKind,
+    ctx: Arc<ServerCtx>,
+) {
+    let _ = stream.set_nodelay(true);
+    let listener = kind.name();
+    let gauge = ctx
+        .metrics
+        .connections_open
+        .get_or_create(&ListenerLabels { listener })
+        .clone();
+    gauge.inc();
+    let _open = OpenConn(gauge);
+
+    let declared_opaque = match &kind {
+        ListenerKind::Upstream(d) => d.config.protocol.is_opaque(),
+        ListenerKind::Inbound => ctx.inbound_protocol.is_opaque(),
+        ListenerKind::Outbound => false,
+    };
+    let mut buf = BytesMut::new();
+    let detected = if declared_opaque {
+        Detected {
+            protocol: Protocol::Opaque,
+            reason: DetectReason::Declared,
+        }
+    } else {
+        match detect::detect(&mut stream, &mut buf, ctx.limits.detect_timeout).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::debug!(%client, error = %e, "connection failed during detection");
+                return;
+            }
+        }
+    };
+    ctx.metrics
+        .detections
+        .get_or_create(&DetectLabels {
+            listener,
+            protocol: detected.protocol.as_str(),
+            reason: detected.reason.as_str(),
+        })
+        .inc();
+
+    match detected.protocol {
+        Protocol::Http1 => {
+            if let Err((status, reason)) = read_first_head(&mut stream, &mut buf, &ctx.limits).await
+            {
+                ctx.metrics
+                    .malformed
+                    .get_or_create(&ListenerLabels { listener })
+                    .inc();
+                tracing::debug!(%client, %status, reason, "refused request head");
+                if status != StatusCode::REQUEST_TIMEOUT || !buf.is_empty() {
+                    let _ = stream.write_all(&raw_http1_error(status, reason)).await;
+                }
+                let _ = stream.shutdown().await;
+                return;
+            }
+            let io = PrefixedIo::new(buf.freeze(), stream);
+            serve_http(io, client, Protocol::Http1, kind, ctx).await;
+        }
+        Protocol::Http2 => {
+            let io = PrefixedIo::new(buf.freeze(), stream);
+            serve_http(io, client, Protocol::Http2, kind, ctx).await;
+        }
+        Protocol::Tls | Protocol::Opaque => {
+            let io = PrefixedIo::new(buf.freeze(), stream);
+            forward_tcp(io, client, kind, ctx).await;
+        }
+    }
+}
+
+/// Reads until the first HTTP/1 request head is complete and valid. On refusal, returns the
+/// status and `x-trellis-error` reason to answer with.
+async fn read_first_head(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    limits: &ConnLimits,
+) -> Result<(), (StatusCode, &'static str)> {
+    let deadline = tokio::time::Instant::now() + limits.header_read_timeout;
+    loop {
+        match check_request_head(buf, limits.max_header_bytes) {
+            HeadCheck::Complete(_) => return Ok(()),
+            HeadCheck::TooLarge => {
+                return Err((
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "request-header-too-large",
+                ));
+            }
+            HeadCheck::Invalid(_) => return Err((StatusCode::BAD_REQUEST, "malformed-request")),
+            HeadCheck::Partial => {}
+        }
+        buf.reserve(4096);
+        match tokio::time::timeout_at(deadline, stream.read_buf(buf)).await {
+            Err(_) => return Err((StatusCode::REQUEST_TIMEOUT, "header-read-timeout")),
+            Ok(Ok(0)) | Ok(Err(_)) => return Err((StatusCode::BAD_REQUEST, "incomplete-request")),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Annotates a request with what the stacks need: metadata, routing target, deadline.
+fn prepare(
+    req: Request<Incoming>,
+    client: SocketAddr,
+    kind: &ListenerKind,
+    ctx: &ServerCtx,
+) -> Request<body::Body> {
+    let mut req = req.map(body::boxed);
+    let (src, dst) = match kind {
+        ListenerKind::Inbound => (Label::from(UNKNOWN), ctx.service.clone()),
+        ListenerKind::Outbound | ListenerKind::Upstream(_) => {
+            let target = match kind {
+                ListenerKind::Upstream(d) => Target::Known(d.clone()),
+                _ => ctx.destinations.resolve(headers::authority(&req)),
+            };
+            let dst = target.label();
+            if let Target::Known(d) = &target
+                && let Some(t) = d.config.timeout
+            {
+                req.extensions_mut().insert(RequestTimeout(t));
+            }
+            req.extensions_mut().insert(target);
+            (ctx.service.clone(), dst)
+        }
+    };
+    req.extensions_mut().insert(RequestMeta {
+        direction: kind.direction(),
+        client,
+        src,
+        dst,
+        route: Label::from("default"),
+    });
+    req
+}
+
+async fn serve_http(
+    io: PrefixedIo<TcpStream>,
+    client: SocketAddr,
+    protocol: Protocol,
+    kind: ListenerKind,
+    ctx: Arc<ServerCtx>,
+) {
+    let stack = match kind {
+        ListenerKind::Inbound => ctx.inbound.clone(),
+        _ => ctx.outbound.clone(),
+    };
+    let svc_ctx = ctx.clone();
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let req = prepare(req, client, &kind, &svc_ctx);
+        // Boxed as a plain `dyn Future + Send` so the connection future's Send-ness does not
+        // depend on the stack's type (and compile errors stay readable).
+        let fut: ResponseFuture = Box::pin(stack.clone().oneshot(req));
+        fut
+    });
+    let io = TokioIo::new(io);
+    let signaled = ctx.drain.signaled();
+    let result = match protocol {
+        Protocol::Http2 => {
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .adaptive_window(true)
+                .max_concurrent_streams(20_000)
+                .max_header_list_size(ctx.limits.max_header_bytes as u32)
+                .keep_alive_interval(Some(Duration::from_secs(20)))
+                .keep_alive_timeout(Duration::from_secs(10))
+                .serve_connection(io, svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = signaled => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }
+        _ => {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(ctx.limits.header_read_timeout)
+                .max_buf_size(ctx.limits.max_header_bytes.max(8192))
+                .keep_alive(true)
+                .serve_connection(io, svc)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = signaled => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%client, error = %e, "http connection ended with error");
+    }
+}
+
+async fn forward_tcp(
+    io: PrefixedIo<TcpStream>,
+    client: SocketAddr,
+    kind: ListenerKind,
+    ctx: Arc<ServerCtx>,
+) {
+    let mut io = io;
+    let (upstream, flow): (Result<BoxedIo, _>, TcpFlow) = match &kind {
+        ListenerKind::Outbound => {
+            // Without an original destination (transparent mode) there is nothing to route by.
+            tracing::debug!(%client, "opaque connection on the outbound listener has no destination; closing");
+            let _ = io.shutdown().await;
+            return;
+        }
+        ListenerKind::Upstream(dest) => {
+            let flow = TcpFlow {
+                direction: Direction::Outbound,
+                client,
+                src: ctx.service.clone(),
+                dst: dest.label.clone(),
+            };
+            let upstream = match dest.pick() {
+                Ok(ep) => {
+                    open_tcp(
+                        &ctx.clients,
+                        ep,
+                        &format!("{}:{}", dest.name, ep.address.port()),
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            (upstream, flow)
+        }
+        ListenerKind::Inbound => {
+            let flow = TcpFlow {
+                direction: Direction::Inbound,
+                client,
+                src: Label::from(UNKNOWN),
+                dst: ctx.service.clone(),
+            };
+            let upstream = client::connect(ctx.app, ctx.clients.settings().connect_timeout)
+                .await
+                .map(|s| Box::new(s) as BoxedIo);
+            (upstream, flow)
+        }
+    };
+    match upstream {
+        Ok(mut upstream) => {
+            splice(&mut io, &mut upstream, &flow, &ctx.metrics, &ctx.access_log).await
+        }
+        Err(e) => {
+            tracing::info!(%client, dst = %flow.dst, error = %e, "tcp upstream unavailable; closing");
+            ctx.metrics
+                .proxy_errors
+                .get_or_create(&crate::metrics::ProxyErrorLabels {
+                    direction: flow.direction.as_str(),
+                    reason: e.reason(),
+                })
+                .inc();
+            let _ = io.shutdown().await;
+        }
+    }
+}
