@@ -81,6 +81,15 @@ pub async fn start(
 ) -> Result<Running, BindError> {
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
+    registry.register(
+        "trellis_proxy",
+        "Proxy version and the service it serves",
+        prometheus_client::metrics::info::Info::new(vec![
+            ("version", env!("CARGO_PKG_VERSION").to_owned()),
+            ("service", config.service.to_string()),
+            ("namespace", config.namespace.to_string()),
+        ]),
+    );
     let access_log = AccessLog::start(&config.access_log).map_err(|source| BindError {
         what: "access log".into(),
         addr: ([0, 0, 0, 0], 0).into(),

@@ -1,6 +1,8 @@
 //! HTTP through real proxies on loopback: HTTP/1.1, streaming bodies, HTTP-proxy style
 //! addressing, upgrades, CONNECT, and the errors the proxy generates itself.
 
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::time::Duration;
