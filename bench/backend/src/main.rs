@@ -20,10 +20,11 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-const USAGE: &str = "usage: trellis-bench-backend [--listen ADDR] [--threads N] [--body TEXT]\n\
-  --listen ADDR   address to bind (default 127.0.0.1:0); the bound address is printed\n\
-                  as the first stdout line: `listening ADDR`\n\
-  --threads N     runtime worker threads (default 1)\n\
+const USAGE: &str = "\
+usage: trellis-bench-backend [--listen ADDR] [--threads N] [--body TEXT]
+  --listen ADDR   address to bind (default 127.0.0.1:0); the bound address is
+                  printed as the first stdout line: `listening ADDR`
+  --threads N     runtime worker threads (default 1)
   --body TEXT     response body (default \"hello trellis\")";
 
 struct Args {

@@ -335,3 +335,15 @@ destinations:
         assert!(err(&big).reason.contains("larger than"));
     }
 }
+
+#[cfg(test)]
+mod example_file {
+    /// The documented example must always be valid.
+    #[test]
+    fn examples_proxy_yaml_is_valid() {
+        let text = include_str!("../../../examples/proxy.yaml");
+        let cfg = super::StaticConfig::from_yaml(text).expect("examples/proxy.yaml");
+        assert_eq!(cfg.destinations.len(), 2);
+        assert_eq!(cfg.upstreams.len(), 2);
+    }
+}

@@ -17,6 +17,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
+use tokio_util::task::TaskTracker;
 
 use crate::drain::Drain;
 
@@ -35,8 +36,24 @@ pub struct AdminState {
     pub log_level: Arc<dyn LogLevel>,
 }
 
+/// Handle to the admin server's connections, to let them finish their responses at exit.
+pub struct AdminHandle {
+    connections: TaskTracker,
+}
+
+impl AdminHandle {
+    /// Waits (bounded) for admin connections to finish after drain asked them to close, so a
+    /// `POST /shutdown` caller gets its answer before the process exits.
+    pub async fn finish(&self, deadline: std::time::Duration) {
+        self.connections.close();
+        let _ = tokio::time::timeout(deadline, self.connections.wait()).await;
+    }
+}
+
 /// Starts the admin server on a dedicated thread. Stops when the process exits.
-pub fn spawn(listener: std::net::TcpListener, state: AdminState) -> std::io::Result<()> {
+pub fn spawn(listener: std::net::TcpListener, state: AdminState) -> std::io::Result<AdminHandle> {
+    let connections = TaskTracker::new();
+    let tracker = connections.clone();
     listener.set_nonblocking(true)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -58,21 +75,29 @@ pub fn spawn(listener: std::net::TcpListener, state: AdminState) -> std::io::Res
                         continue;
                     };
                     let state = state.clone();
-                    tokio::spawn(async move {
+                    tracker.spawn(async move {
+                        let drained = state.drain.signaled();
                         let svc = hyper::service::service_fn(move |req| {
                             let state = state.clone();
                             async move { Ok::<_, Infallible>(route(req, client, &state).await) }
                         });
-                        let _ = hyper::server::conn::http1::Builder::new()
+                        let conn = hyper::server::conn::http1::Builder::new()
                             .timer(TokioTimer::new())
                             .header_read_timeout(std::time::Duration::from_secs(10))
-                            .serve_connection(TokioIo::new(stream), svc)
-                            .await;
+                            .serve_connection(TokioIo::new(stream), svc);
+                        tokio::pin!(conn);
+                        tokio::select! {
+                            _ = conn.as_mut() => {}
+                            _ = drained => {
+                                conn.as_mut().graceful_shutdown();
+                                let _ = conn.await;
+                            }
+                        }
                     });
                 }
             })
         })?;
-    Ok(())
+    Ok(AdminHandle { connections })
 }
 
 type AdminResponse = Response<Full<Bytes>>;

@@ -47,6 +47,7 @@ pub struct Running {
     pub drain: Drain,
     pub metrics: Metrics,
     drain_timeout: std::time::Duration,
+    admin: admin::AdminHandle,
 }
 
 impl Running {
@@ -61,6 +62,7 @@ impl Running {
         } else {
             tracing::warn!("drain deadline reached with work in flight");
         }
+        self.admin.finish(std::time::Duration::from_secs(1)).await;
         clean
     }
 }
@@ -175,7 +177,7 @@ pub async fn start(
         "listening": &bound,
         "identity": null,
     });
-    admin::spawn(
+    let admin = admin::spawn(
         admin_listener,
         AdminState {
             registry,
@@ -220,6 +222,7 @@ pub async fn start(
         drain,
         metrics,
         drain_timeout: config.drain_timeout,
+        admin,
     })
 }
 

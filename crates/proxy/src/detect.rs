@@ -242,6 +242,16 @@ mod tests {
                 })
                 .collect();
             assert_ne!(classify(&buf), NeedMore, "{buf:?}");
+            // Monotonic: once decided, longer prefixes keep the same answer, so the way bytes
+            // are split across reads never changes the outcome.
+            let mut decided = None;
+            for end in 0..=buf.len() {
+                match (decided, classify(&buf[..end])) {
+                    (None, NeedMore) => {}
+                    (None, c) => decided = Some(c),
+                    (Some(d), c) => assert_eq!(c, d, "{buf:?} at {end}"),
+                }
+            }
         }
     }
 
