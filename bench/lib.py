@@ -333,6 +333,8 @@ def report(results_dir, out_md):
                 notes.append(f"{label} {hops}-hop max run round {i + 1}: {x['ok']} ok, "
                              f"{x['non2xx']} non-2xx {x['codes']}, errors {x['error_kinds']}")
 
+    notes.extend(read_lines(os.path.join(results_dir, "busy")))
+
     lines = []
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|")

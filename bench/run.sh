@@ -38,6 +38,7 @@ VG_TIMEOUT=${BENCH_VALGRIND_TIMEOUT:-120}     # seconds for a proxy to come up u
 SKIP_INSTALL=${BENCH_SKIP_INSTALL:-0}
 SKIP_BUILD=${BENCH_SKIP_BUILD:-0}
 TRELLIS_EXTRA_ARGS=${BENCH_TRELLIS_EXTRA_ARGS:-}
+WAIT_IDLE=${BENCH_WAIT_IDLE:-0}               # wait up to S s per visit for cargo/rustc to finish
 
 STAMP=$(date +%Y-%m-%d-%H%M)
 WORK=$BENCH_DIR/work/$STAMP-$$      # bench/work is git-ignored
@@ -420,9 +421,34 @@ oha_run() {
     >/dev/null 2>"$out.err"
 }
 
+# Benchmarks on a busy machine are noise: record (in the report's notes) any
+# compiler or build running next to a measurement.
+busy_procs() {
+  pgrep -a -x 'cargo|rustc|cc1|cc1plus|ld|ld.lld|mold' 2>/dev/null | awk '{n = split($2, a, "/"); print a[n]}' | sort | uniq -c | awk '{printf "%s%s x%s", sep, $2, $1; sep=", "}' || true
+}
+# wait_idle: with BENCH_WAIT_IDLE=S, wait up to S seconds for builds to finish.
+wait_idle() {
+  ((WAIT_IDLE > 0)) || return 0
+  local deadline=$((SECONDS + WAIT_IDLE)) said=0
+  while [[ -n $(busy_procs) ]] && ((SECONDS < deadline)); do
+    ((said)) || log "waiting up to ${WAIT_IDLE}s for other builds to finish: $(busy_procs)"
+    said=1; sleep 2
+  done
+}
+busy_check() { # busy_check WHAT
+  local b
+  b=$(busy_procs)
+  if [[ -n $b ]]; then
+    log "WARNING: machine busy during $1: $b"
+    printf '%s: other CPU-heavy processes were running (%s); numbers are noisy\n' "$1" "$b" >>"$REC/busy"
+  fi
+}
+
 visit() { # visit TARGET ROUND
   local t=$1 r=$2 dir=$REC/$1/round$2
   mkdir -p "$dir"
+  wait_idle
+  busy_check "$t round $r"
   CMDLOG=/dev/null
   [[ $r == 1 ]] && CMDLOG=$WORK/cmds/$t.txt
   if ! start_target "$t" "$PROXY_THREADS"; then
@@ -450,6 +476,7 @@ visit() { # visit TARGET ROUND
   for p in "${TARGET_PIDS[@]}"; do
     kill -0 "$p" 2>/dev/null || printf 'round %s: process %s died during the run\n' "$r" "$p" >>"$REC/$t/failed"
   done
+  busy_check "$t round $r (end)"
   stop_target "$t"
 }
 
@@ -539,6 +566,8 @@ write_header() {
     echo
     echo "## Commands"
     echo
+    echo "Paths relative to the repository root; \$WORK is \`${WORK#"$ROOT"/}\`."
+    echo
     echo '```sh'
     echo "# backend (shared by all targets)"
     echo "$BACKEND --listen 127.0.0.1:0 --threads $BACKEND_THREADS"
@@ -550,7 +579,7 @@ write_header() {
     for f in "$WORK"/cmds/*.txt; do
       [[ -e $f ]] || continue
       echo "# $(basename "$f" .txt) (ports are picked free per run)"
-      cat "$f"
+      sed -e "s#$WORK/#\$WORK/#g" -e "s#$ROOT/##g" "$f"
     done
     echo '```'
     local cfg pat
@@ -584,6 +613,7 @@ done
 if [[ $SKIP_VALGRIND != 1 ]]; then
   valgrind_all
 fi
+stop_pids "$BACKEND_PID"
 
 write_header
 OUT=$OUT_DIR/$STAMP.md

@@ -202,24 +202,25 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), DemoError> {
     );
     println!("  run directory    {}\n", dir.display());
 
-    // The "frontend app": plain HTTP calls, no mesh code. Half through HTTP_PROXY-style
-    // absolute URIs, half through the local upstream port.
-    let proxy_client: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
+    // The "frontend app": plain HTTP calls, no mesh code. Half go HTTP_PROXY style (absolute
+    // URIs on a keep-alive connection to the outbound listener), half to the local upstream port.
+    let mut via_http_proxy = connect_http1(frontend_outbound).await?;
+    let mut via_upstream_port = connect_http1(upstream_port).await?;
     let mut ok = 0usize;
     let mut latencies = Vec::with_capacity(args.requests);
     let mut sample = String::new();
     for i in 0..args.requests {
-        let start = Instant::now();
-        let result = if i % 2 == 0 {
-            // HTTP_PROXY style: absolute-form request to the outbound listener.
-            let req = hyper::Request::get(format!("http://backend/orders/{i}"))
-                .body(Full::new(Bytes::new()))
-                .map_err(|e| DemoError::Failed(e.to_string()))?;
-            send_via(&proxy_client, frontend_outbound, req).await
+        let (sender, uri) = if i % 2 == 0 {
+            (&mut via_http_proxy, format!("http://backend/orders/{i}"))
         } else {
-            get(&format!("http://{upstream_port}/items/{i}")).await
+            (&mut via_upstream_port, format!("/items/{i}"))
         };
+        let req = hyper::Request::get(uri)
+            .header("host", "backend")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| DemoError::Failed(e.to_string()))?;
+        let start = Instant::now();
+        let result = send(sender, req).await;
         latencies.push(start.elapsed());
         match result {
             Ok((200, body)) => {
@@ -289,21 +290,24 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), DemoError> {
     }
 }
 
-async fn send_via(
-    client: &Client<HttpConnector, Full<Bytes>>,
-    proxy: SocketAddr,
-    req: hyper::Request<Full<Bytes>>,
-) -> Result<(u16, String), String> {
-    // hyper's client sends absolute-form when the URI's authority differs from the connection's;
-    // it connects to the URI's authority, so talk to the proxy over a raw connection instead.
-    let _ = client;
-    let stream = tokio::net::TcpStream::connect(proxy)
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+async fn connect_http1(addr: SocketAddr) -> Result<Sender, DemoError> {
+    let stream = tokio::net::TcpStream::connect(addr)
         .await
-        .map_err(|e| e.to_string())?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .map_err(|e| DemoError::Io("connect", e))?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| DemoError::Failed(format!("handshake with {addr}: {e}")))?;
     tokio::spawn(conn);
+    Ok(sender)
+}
+
+async fn send(
+    sender: &mut Sender,
+    req: hyper::Request<Empty<Bytes>>,
+) -> Result<(u16, String), String> {
+    sender.ready().await.map_err(|e| e.to_string())?;
     let rsp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     let status = rsp.status().as_u16();
     let body = rsp
