@@ -39,6 +39,7 @@ SKIP_INSTALL=${BENCH_SKIP_INSTALL:-0}
 SKIP_BUILD=${BENCH_SKIP_BUILD:-0}
 TRELLIS_EXTRA_ARGS=${BENCH_TRELLIS_EXTRA_ARGS:-}
 WAIT_IDLE=${BENCH_WAIT_IDLE:-0}               # wait up to S s per visit for cargo/rustc to finish
+BUILD_WAIT=${BENCH_BUILD_WAIT:-900}           # wait up to S s for other builds before building
 
 STAMP=$(date +%Y-%m-%d-%H%M)
 WORK=$BENCH_DIR/work/$STAMP-$$      # bench/work is git-ignored
@@ -88,6 +89,11 @@ stop_pids() {
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
+  if [[ -n ${BUILD_PGID:-} ]]; then
+    log "stopping the cargo build"
+    kill -TERM -- "-$BUILD_PGID" 2>/dev/null || true
+    wait "$BUILD_PGID" 2>/dev/null || true
+  fi
   if ((${#PIDS[@]})); then
     log "stopping ${#PIDS[@]} leftover process(es)"
     stop_pids -t 3 "${PIDS[@]}"
@@ -100,6 +106,10 @@ trap 'log "interrupted"; exit 130' INT TERM
 free_ports() { "${LIB[@]}" free-ports "$1"; }
 # wait_http URL TIMEOUT [PID...]: poll until 200, fail early if a PID dies.
 wait_http() { "${LIB[@]}" wait-http "$@"; }
+# busy_procs: compilers/builds running on this machine, e.g. "cargo x1, rustc x2".
+busy_procs() {
+  pgrep -a -x 'cargo|rustc|cc1|cc1plus|ld|ld.lld|mold' 2>/dev/null | awk '{n = split($2, a, "/"); print a[n]}' | sort | uniq -c | awk '{printf "%s%s x%s", sep, $2, $1; sep=", "}' || true
+}
 
 # ---------------------------------------------------------------- install ----
 apt_updated=0
@@ -168,14 +178,29 @@ VALGRIND=$(command -v valgrind || true)
 TRELLIS=${TRELLIS_PROXY_BIN:-$ROOT/target/release/trellis-proxy}
 BACKEND=$ROOT/target/release/trellis-bench-backend
 TRELLIS_BROKEN=""
+# cargo_build ARGS...: run cargo in its own process group (so an interrupt
+# stops rustc too), after waiting for other builds: 2 cores, one build at a time.
+BUILD_PGID=
+cargo_build() {
+  local deadline=$((SECONDS + BUILD_WAIT)) said=0
+  while [[ -n $(busy_procs) ]] && ((SECONDS < deadline)); do
+    ((said)) || log "another build is running ($(busy_procs)); waiting up to ${BUILD_WAIT}s before building"
+    said=1; sleep 3
+  done
+  log "cargo build $*"
+  (cd "$ROOT" && exec setsid cargo build "$@") >>"$WORK/build.log" 2>&1 </dev/null &
+  BUILD_PGID=$!
+  local rc=0
+  wait "$BUILD_PGID" || rc=$?
+  BUILD_PGID=
+  return "$rc"
+}
 if [[ $SKIP_BUILD != 1 ]]; then
-  log "cargo build --release -p trellis-proxy -p trellis-bench"
-  if ! (cd "$ROOT" && cargo build --release -p trellis-proxy -p trellis-bench) >"$WORK/build.log" 2>&1; then
+  if ! cargo_build --release -p trellis-proxy -p trellis-bench; then
     log "building trellis-proxy failed (tail of $WORK/build.log below); trying the backend alone"
     tail -n 20 "$WORK/build.log" >&2 || true
     TRELLIS_BROKEN="cargo build --release -p trellis-proxy failed: $(grep -m1 -E '^error' "$WORK/build.log" || echo 'see build log')"
-    (cd "$ROOT" && cargo build --release -p trellis-bench) >>"$WORK/build.log" 2>&1 \
-      || die "cannot build trellis-bench-backend, see $WORK/build.log"
+    cargo_build --release -p trellis-bench || die "cannot build trellis-bench-backend, see $WORK/build.log"
   fi
 fi
 [[ -x $BACKEND ]] || die "backend binary $BACKEND missing (cargo build --release -p trellis-bench)"
@@ -423,9 +448,6 @@ oha_run() {
 
 # Benchmarks on a busy machine are noise: record (in the report's notes) any
 # compiler or build running next to a measurement.
-busy_procs() {
-  pgrep -a -x 'cargo|rustc|cc1|cc1plus|ld|ld.lld|mold' 2>/dev/null | awk '{n = split($2, a, "/"); print a[n]}' | sort | uniq -c | awk '{printf "%s%s x%s", sep, $2, $1; sep=", "}' || true
-}
 # wait_idle: with BENCH_WAIT_IDLE=S, wait up to S seconds for builds to finish.
 wait_idle() {
   ((WAIT_IDLE > 0)) || return 0

@@ -340,3 +340,35 @@ async fn malformed_and_hostile_input_is_refused_and_the_proxy_stays_up() {
         "{m}"
     );
 }
+
+#[tokio::test]
+async fn slow_request_heads_are_cut_off() {
+    let app = http_server::spawn("payments").await;
+    let mut cfg = config("client", &["--header-read-timeout", "300ms"]);
+    cfg.destinations.insert(
+        name("payments"),
+        destination(ProtocolHint::Detect, &[(app.addr, false)]),
+    );
+    cfg.upstreams
+        .insert(name("payments"), "127.0.0.1:0".parse().unwrap());
+    let proxy = start(cfg).await;
+    let mut s = TcpStream::connect(proxy.bound.upstreams[&name("payments")])
+        .await
+        .unwrap();
+    // Slowloris: a head that never completes.
+    s.write_all(b"GET / HTTP/1.1\r\nHost: payments\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("the proxy must close the connection")
+        .unwrap();
+    let rsp = String::from_utf8_lossy(&out);
+    assert!(rsp.starts_with("HTTP/1.1 408"), "{rsp}");
+    assert!(
+        rsp.contains("x-trellis-error: header-read-timeout"),
+        "{rsp}"
+    );
+    assert_eq!(app.requests(), 0);
+}
