@@ -6,6 +6,7 @@
 pub mod duration;
 pub mod names;
 pub mod proxy_config;
+pub mod resources;
 
 pub use names::{NameError, Namespace, ServiceName};
 pub use proxy_config::{ConfigError, Destination, Endpoint, ProtocolHint, StaticConfig};
