@@ -1,1 +1,386 @@
-//! Control plane <-> proxy API: filled in with the control plane (issue 3). Proto types stop here.
+//! The control plane <-> proxy gRPC API (`proto/trellis/control/v1/control.proto`) and its
+//! conversions to core types. Protobuf types stop here: the control plane and the proxy work
+//! on `trellis_core` types, converted at the edge, where malformed messages from the network
+//! become [`ApiError`]s (never panics).
+
+use std::time::Duration;
+
+use trellis_core::discovery::{
+    DestinationDelta, DiscoveredEndpoint, InstanceInfo, PathRule, RouteMatch, RouteRule,
+    RouteTable, WeightedBackend,
+};
+use trellis_core::names::{Namespace, ServiceName};
+use trellis_core::resources::{
+    AppProtocol, DefaultPolicy, MeshConfigSpec, MtlsMode, TracingConfig,
+};
+
+#[allow(clippy::all, unreachable_pub, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("trellis.control.v1");
+}
+
+/// A message that does not describe a valid value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct ApiError {
+    pub field: String,
+    pub reason: String,
+}
+
+fn err(field: &str, reason: impl std::fmt::Display) -> ApiError {
+    ApiError {
+        field: field.into(),
+        reason: reason.to_string(),
+    }
+}
+
+fn service(field: &str, s: &str) -> Result<ServiceName, ApiError> {
+    ServiceName::new(s).map_err(|e| err(field, format!("{s:?} {e}")))
+}
+
+fn addr(field: &str, s: &str) -> Result<std::net::SocketAddr, ApiError> {
+    s.parse()
+        .map_err(|_| err(field, format!("{s:?} is not IP:PORT")))
+}
+
+// === instances ===
+
+impl From<&InstanceInfo> for pb::Instance {
+    fn from(i: &InstanceInfo) -> Self {
+        pb::Instance {
+            service: i.service.to_string(),
+            namespace: i.namespace.to_string(),
+            instance_id: i.instance_id.clone(),
+            address: i.address.to_string(),
+            zone: i.zone.clone(),
+            labels: i.labels.clone().into_iter().collect(),
+        }
+    }
+}
+
+impl TryFrom<pb::Instance> for InstanceInfo {
+    type Error = ApiError;
+    fn try_from(i: pb::Instance) -> Result<Self, ApiError> {
+        if i.instance_id.is_empty() || i.instance_id.len() > 253 {
+            return Err(err("instance.instance_id", "must be 1-253 characters"));
+        }
+        if i.labels.len() > 64 {
+            return Err(err("instance.labels", "at most 64 labels"));
+        }
+        Ok(InstanceInfo {
+            service: service("instance.service", &i.service)?,
+            namespace: if i.namespace.is_empty() {
+                Namespace::default()
+            } else {
+                Namespace::new(i.namespace.as_str()).map_err(|e| err("instance.namespace", e))?
+            },
+            instance_id: i.instance_id,
+            address: addr("instance.address", &i.address)?,
+            zone: i.zone,
+            labels: i.labels.into_iter().collect(),
+        })
+    }
+}
+
+// === endpoints and routes ===
+
+impl From<&DiscoveredEndpoint> for pb::Endpoint {
+    fn from(e: &DiscoveredEndpoint) -> Self {
+        pb::Endpoint {
+            instance_id: e.instance_id.clone(),
+            address: e.address.to_string(),
+            zone: e.zone.clone(),
+            labels: e.labels.clone().into_iter().collect(),
+        }
+    }
+}
+
+impl TryFrom<pb::Endpoint> for DiscoveredEndpoint {
+    type Error = ApiError;
+    fn try_from(e: pb::Endpoint) -> Result<Self, ApiError> {
+        Ok(DiscoveredEndpoint {
+            address: addr("endpoint.address", &e.address)?,
+            instance_id: e.instance_id,
+            zone: e.zone,
+            labels: e.labels.into_iter().collect(),
+        })
+    }
+}
+
+fn ms(d: Option<Duration>) -> u64 {
+    d.map_or(0, |d| d.as_millis().min(u128::from(u64::MAX)) as u64)
+}
+
+fn from_ms(ms: u64) -> Option<Duration> {
+    (ms > 0).then(|| Duration::from_millis(ms))
+}
+
+impl From<&RouteTable> for pb::RouteTable {
+    fn from(t: &RouteTable) -> Self {
+        pb::RouteTable {
+            rules: t
+                .rules
+                .iter()
+                .map(|r| pb::RouteRule {
+                    name: r.name.clone(),
+                    matches: r
+                        .matches
+                        .iter()
+                        .map(|m| pb::RouteMatch {
+                            path: m.path.as_ref().map(|p| match p {
+                                PathRule::Exact(v) => pb::route_match::Path::Exact(v.clone()),
+                                PathRule::Prefix(v) => pb::route_match::Path::Prefix(v.clone()),
+                            }),
+                            headers: kvs(&m.headers),
+                            query: kvs(&m.query),
+                            method: m.method.clone().unwrap_or_default(),
+                        })
+                        .collect(),
+                    backends: r
+                        .backends
+                        .iter()
+                        .map(|b| pb::WeightedBackend {
+                            service: b.service.to_string(),
+                            weight: b.weight,
+                        })
+                        .collect(),
+                    request_timeout_ms: ms(r.request_timeout),
+                    backend_timeout_ms: ms(r.backend_timeout),
+                })
+                .collect(),
+        }
+    }
+}
+
+fn kvs(pairs: &[(String, String)]) -> Vec<pb::KeyValue> {
+    pairs
+        .iter()
+        .map(|(name, value)| pb::KeyValue {
+            name: name.clone(),
+            value: value.clone(),
+        })
+        .collect()
+}
+
+fn pairs(kvs: Vec<pb::KeyValue>) -> Vec<(String, String)> {
+    kvs.into_iter()
+        .map(|kv| (kv.name.to_ascii_lowercase(), kv.value))
+        .collect()
+}
+
+impl TryFrom<pb::RouteTable> for RouteTable {
+    type Error = ApiError;
+    fn try_from(t: pb::RouteTable) -> Result<Self, ApiError> {
+        let mut rules = Vec::with_capacity(t.rules.len());
+        for (i, r) in t.rules.into_iter().enumerate() {
+            let mut backends = Vec::with_capacity(r.backends.len());
+            for b in r.backends {
+                backends.push(WeightedBackend {
+                    service: service(&format!("routes.rules[{i}].backends.service"), &b.service)?,
+                    weight: b.weight,
+                });
+            }
+            rules.push(RouteRule {
+                name: r.name,
+                matches: r
+                    .matches
+                    .into_iter()
+                    .map(|m| RouteMatch {
+                        path: m.path.map(|p| match p {
+                            pb::route_match::Path::Exact(v) => PathRule::Exact(v),
+                            pb::route_match::Path::Prefix(v) => PathRule::Prefix(v),
+                        }),
+                        headers: pairs(m.headers),
+                        query: m.query.into_iter().map(|kv| (kv.name, kv.value)).collect(),
+                        method: (!m.method.is_empty()).then_some(m.method),
+                    })
+                    .collect(),
+                backends,
+                request_timeout: from_ms(r.request_timeout_ms),
+                backend_timeout: from_ms(r.backend_timeout_ms),
+            });
+        }
+        Ok(RouteTable { rules })
+    }
+}
+
+// === destination updates ===
+
+fn protocol_str(p: Option<AppProtocol>) -> &'static str {
+    match p {
+        None => "",
+        Some(AppProtocol::Http) => "http",
+        Some(AppProtocol::Http2) => "http2",
+        Some(AppProtocol::Grpc) => "grpc",
+        Some(AppProtocol::Tcp) => "tcp",
+    }
+}
+
+impl From<&DestinationDelta> for pb::DestinationUpdate {
+    fn from(d: &DestinationDelta) -> Self {
+        pb::DestinationUpdate {
+            service: d.service.to_string(),
+            reset: d.reset,
+            exists: d.exists,
+            protocol: protocol_str(d.protocol).into(),
+            upserted: d.upserted.iter().map(Into::into).collect(),
+            removed: d.removed.clone(),
+            routes: d.routes.as_ref().map(Into::into),
+        }
+    }
+}
+
+impl TryFrom<pb::DestinationUpdate> for DestinationDelta {
+    type Error = ApiError;
+    fn try_from(d: pb::DestinationUpdate) -> Result<Self, ApiError> {
+        let protocol = match d.protocol.as_str() {
+            "" => None,
+            "http" => Some(AppProtocol::Http),
+            "http2" => Some(AppProtocol::Http2),
+            "grpc" => Some(AppProtocol::Grpc),
+            "tcp" => Some(AppProtocol::Tcp),
+            other => {
+                return Err(err(
+                    "destination.protocol",
+                    format!("unknown protocol {other:?}"),
+                ));
+            }
+        };
+        Ok(DestinationDelta {
+            service: service("destination.service", &d.service)?,
+            reset: d.reset,
+            exists: d.exists,
+            protocol,
+            upserted: d
+                .upserted
+                .into_iter()
+                .map(DiscoveredEndpoint::try_from)
+                .collect::<Result<_, _>>()?,
+            removed: d.removed,
+            routes: d.routes.map(RouteTable::try_from).transpose()?,
+        })
+    }
+}
+
+// === mesh config ===
+
+impl From<&MeshConfigSpec> for pb::MeshConfig {
+    fn from(m: &MeshConfigSpec) -> Self {
+        pb::MeshConfig {
+            mtls: match m.mtls {
+                MtlsMode::Strict => "strict",
+                MtlsMode::Permissive => "permissive",
+            }
+            .into(),
+            default_policy: match m.default_policy {
+                DefaultPolicy::Allow => "allow",
+                DefaultPolicy::Deny => "deny",
+                DefaultPolicy::AllowAuthenticated => "allow-authenticated",
+            }
+            .into(),
+            tracing_sampling: m.tracing.as_ref().map_or(0.0, |t| t.sampling),
+            otlp_endpoint: m
+                .tracing
+                .as_ref()
+                .and_then(|t| t.otlp_endpoint.clone())
+                .unwrap_or_default(),
+            access_log: m.access_log.unwrap_or(false),
+        }
+    }
+}
+
+impl TryFrom<pb::MeshConfig> for MeshConfigSpec {
+    type Error = ApiError;
+    fn try_from(m: pb::MeshConfig) -> Result<Self, ApiError> {
+        Ok(MeshConfigSpec {
+            mtls: match m.mtls.as_str() {
+                "strict" | "" => MtlsMode::Strict,
+                "permissive" => MtlsMode::Permissive,
+                other => return Err(err("mesh_config.mtls", format!("{other:?}"))),
+            },
+            default_policy: match m.default_policy.as_str() {
+                "allow" | "" => DefaultPolicy::Allow,
+                "deny" => DefaultPolicy::Deny,
+                "allow-authenticated" => DefaultPolicy::AllowAuthenticated,
+                other => return Err(err("mesh_config.default_policy", format!("{other:?}"))),
+            },
+            tracing: Some(TracingConfig {
+                sampling: m.tracing_sampling.clamp(0.0, 1.0),
+                otlp_endpoint: (!m.otlp_endpoint.is_empty()).then_some(m.otlp_endpoint),
+            }),
+            access_log: Some(m.access_log),
+            metrics: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destination_delta_round_trips() {
+        let delta = DestinationDelta {
+            service: ServiceName::new("payments").expect("name"),
+            reset: true,
+            exists: true,
+            protocol: Some(AppProtocol::Grpc),
+            upserted: vec![DiscoveredEndpoint {
+                instance_id: "p-1".into(),
+                address: "127.0.0.1:4143".parse().expect("addr"),
+                zone: "z1".into(),
+                labels: [("version".to_string(), "v2".to_string())].into(),
+            }],
+            removed: vec!["p-0".into()],
+            routes: Some(RouteTable {
+                rules: vec![RouteRule {
+                    name: "split".into(),
+                    matches: vec![RouteMatch {
+                        path: Some(PathRule::Prefix("/api".into())),
+                        headers: vec![("x-canary".into(), "yes".into())],
+                        query: vec![],
+                        method: Some("GET".into()),
+                    }],
+                    backends: vec![WeightedBackend {
+                        service: ServiceName::new("payments-v2").expect("name"),
+                        weight: 20,
+                    }],
+                    request_timeout: Some(Duration::from_millis(1500)),
+                    backend_timeout: None,
+                }],
+            }),
+        };
+        let wire = pb::DestinationUpdate::from(&delta);
+        assert_eq!(DestinationDelta::try_from(wire).expect("valid"), delta);
+    }
+
+    #[test]
+    fn garbage_from_the_network_is_an_error_not_a_panic() {
+        let bad = pb::Instance {
+            service: "Not A Name".into(),
+            instance_id: "x".into(),
+            address: "127.0.0.1:1".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            InstanceInfo::try_from(bad).expect_err("bad").field,
+            "instance.service"
+        );
+        let bad = pb::Instance {
+            service: "web".into(),
+            instance_id: "x".into(),
+            address: "nowhere".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            InstanceInfo::try_from(bad).expect_err("bad").field,
+            "instance.address"
+        );
+        let bad = pb::DestinationUpdate {
+            service: "web".into(),
+            protocol: "smtp".into(),
+            ..Default::default()
+        };
+        assert!(DestinationDelta::try_from(bad).is_err());
+    }
+}

@@ -3,10 +3,12 @@
 //! This crate does no I/O. It parses and validates; callers decide where bytes come from, so
 //! validation is the same whether config arrives from a file, a flag or (later) the control plane.
 
+pub mod discovery;
 pub mod duration;
 pub mod names;
 pub mod proxy_config;
 pub mod resources;
+pub mod time;
 
 pub use names::{NameError, Namespace, ServiceName};
 pub use proxy_config::{ConfigError, Destination, Endpoint, ProtocolHint, StaticConfig};

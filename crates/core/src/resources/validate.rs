@@ -113,6 +113,12 @@ fn check_backends(path: &str, refs: &[BackendRef]) -> Check {
 fn check_matches_headers(path: &str, headers: &[HeaderMatch]) -> Check {
     for (i, h) in headers.iter().enumerate() {
         check_header_name(&format!("{path}[{i}].name"), &h.name)?;
+        if h.kind == ValueMatchType::RegularExpression {
+            return fail(
+                format!("{path}[{i}].type"),
+                "RegularExpression is not supported yet; use Exact",
+            );
+        }
     }
     Ok(())
 }
@@ -181,14 +187,27 @@ pub fn validate(r: &Resource) -> Check {
                 let p = format!("spec.rules[{i}]");
                 for (j, m) in rule.matches.iter().enumerate() {
                     let mp = format!("{p}.matches[{j}]");
-                    if let Some(path) = &m.path
-                        && path.kind != PathMatchType::RegularExpression
-                        && !path.value.starts_with('/')
-                    {
-                        return fail(
-                            format!("{mp}.path.value"),
-                            format!("{:?} must start with '/'", path.value),
-                        );
+                    if let Some(path) = &m.path {
+                        if path.kind == PathMatchType::RegularExpression {
+                            return fail(
+                                format!("{mp}.path.type"),
+                                "RegularExpression is not supported yet; use Exact or PathPrefix",
+                            );
+                        }
+                        if !path.value.starts_with('/') {
+                            return fail(
+                                format!("{mp}.path.value"),
+                                format!("{:?} must start with '/'", path.value),
+                            );
+                        }
+                    }
+                    for (k, q) in m.query_params.iter().enumerate() {
+                        if q.kind == ValueMatchType::RegularExpression {
+                            return fail(
+                                format!("{mp}.queryParams[{k}].type"),
+                                "RegularExpression is not supported yet; use Exact",
+                            );
+                        }
                     }
                     check_matches_headers(&format!("{mp}.headers"), &m.headers)?;
                     if let Some(method) = &m.method

@@ -1,0 +1,182 @@
+//! The gRPC API for proxies: one `Session` stream per proxy, translated to [`Hub`] calls.
+//!
+//! Everything from the network is converted through `trellis_api` (malformed messages end the
+//! stream with `INVALID_ARGUMENT`, never a panic). The session ends — and its instances leave
+//! the registry at once — when the stream breaks, so callers stop using a dead proxy within
+//! moments; a proxy that hangs with its connection open is expired by heartbeat TTL.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tonic::codegen::tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+use trellis_api::pb;
+use trellis_core::discovery::InstanceInfo;
+use trellis_core::names::ServiceName;
+
+use crate::hub::{Hub, Push, SessionId};
+
+pub struct ControlService {
+    hub: Hub,
+    heartbeat_interval: Duration,
+    heartbeat_ttl: Duration,
+}
+
+impl ControlService {
+    pub fn new(hub: Hub, heartbeat_ttl: Duration) -> Self {
+        Self {
+            hub,
+            heartbeat_interval: heartbeat_ttl / 3,
+            heartbeat_ttl,
+        }
+    }
+
+    pub fn into_server(self) -> pb::proxy_control_server::ProxyControlServer<Self> {
+        pb::proxy_control_server::ProxyControlServer::new(self)
+            .max_decoding_message_size(4 * 1024 * 1024)
+    }
+}
+
+type PushStream = Pin<Box<dyn Stream<Item = Result<pb::ControlMessage, Status>> + Send>>;
+
+fn service_name(s: &str) -> Result<ServiceName, Status> {
+    ServiceName::new(s).map_err(|e| Status::invalid_argument(format!("service {s:?}: {e}")))
+}
+
+/// Ends the session when dropped, however the session task ends.
+struct SessionGuard {
+    hub: Hub,
+    id: SessionId,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.hub.close_session(self.id);
+    }
+}
+
+#[tonic::async_trait]
+impl pb::proxy_control_server::ProxyControl for ControlService {
+    type SessionStream = PushStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::ProxyMessage>>,
+    ) -> Result<Response<PushStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .and_then(|m| m.message)
+            .ok_or_else(|| Status::invalid_argument("the first message must be register"))?;
+        let pb::proxy_message::Message::Register(register) = first else {
+            return Err(Status::invalid_argument(
+                "the first message must be register",
+            ));
+        };
+        let instance = register
+            .instance
+            .ok_or_else(|| Status::invalid_argument("register.instance is required"))?;
+        let instance = InstanceInfo::try_from(instance)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut watching = Vec::new();
+        for s in register
+            .watching
+            .iter()
+            .take(crate::hub::MAX_WATCHES_PER_SESSION)
+        {
+            watching.push(service_name(s)?);
+        }
+
+        let (id, mut pushes) = self.hub.open_session();
+        let guard = SessionGuard {
+            hub: self.hub.clone(),
+            id,
+        };
+        tracing::info!(session = id, service = %instance.service, instance = %instance.instance_id, address = %instance.address, "proxy connected");
+        self.hub
+            .register(id, instance)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        for s in watching {
+            self.hub
+                .watch(id, s)
+                .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        }
+
+        let (tx, rx) = mpsc::channel::<Result<pb::ControlMessage, Status>>(64);
+        let registered = pb::ControlMessage {
+            message: Some(pb::control_message::Message::Registered(pb::Registered {
+                heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u64,
+                heartbeat_ttl_ms: self.heartbeat_ttl.as_millis() as u64,
+            })),
+        };
+        let _ = tx.send(Ok(registered)).await;
+
+        // Outbound: hub pushes → wire.
+        let out = tx.clone();
+        tokio::spawn(async move {
+            while let Some(push) = pushes.recv().await {
+                let msg = match push {
+                    Push::Destination(d) => pb::control_message::Message::Destination((&d).into()),
+                    Push::MeshConfig(m) => pb::control_message::Message::MeshConfig((&m).into()),
+                };
+                if out
+                    .send(Ok(pb::ControlMessage { message: Some(msg) }))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+
+        // Inbound: wire → hub, until the stream ends or misbehaves.
+        let hub = self.hub.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            loop {
+                let msg = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(session = id, error = %e, "proxy stream broke");
+                        break;
+                    }
+                };
+                let result = match msg.message {
+                    Some(pb::proxy_message::Message::Heartbeat(_)) => hub
+                        .heartbeat(id)
+                        .map_err(|e| Status::internal(e.to_string())),
+                    Some(pb::proxy_message::Message::Watch(w)) => match service_name(&w.service) {
+                        Ok(s) => hub
+                            .watch(id, s)
+                            .map_err(|e| Status::resource_exhausted(e.to_string())),
+                        Err(e) => Err(e),
+                    },
+                    Some(pb::proxy_message::Message::Unwatch(w)) => {
+                        service_name(&w.service).map(|s| hub.unwatch(id, &s))
+                    }
+                    Some(pb::proxy_message::Message::Deregister(_)) => {
+                        tracing::info!(session = id, "proxy deregistered (draining)");
+                        hub.deregister(id);
+                        Ok(())
+                    }
+                    Some(pb::proxy_message::Message::Register(_)) => {
+                        Err(Status::invalid_argument("register may only be sent once"))
+                    }
+                    None => Err(Status::invalid_argument("empty message")),
+                };
+                if let Err(status) = result {
+                    tracing::info!(session = id, %status, "closing proxy session");
+                    let _ = tx.send(Err(status)).await;
+                    break;
+                }
+            }
+            tracing::info!(session = id, "proxy disconnected");
+        });
+
+        let stream = tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(rx);
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

@@ -1,0 +1,314 @@
+//! The HTTP JSON API (`/api/v1/...`) used by the CLI and, later, the dashboard; described by
+//! the OpenAPI document at `/api/v1/openapi.json`. Also serves `/metrics` and `/healthz`.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use trellis_core::resources::{Kind, ResourceKey, parse_documents, referenced_services};
+
+use crate::hub::Hub;
+use crate::store::{Store, StoreError};
+
+pub struct ApiState {
+    pub store: Arc<dyn Store>,
+    pub hub: Hub,
+    pub registry: Registry,
+}
+
+type Shared = Arc<ApiState>;
+
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/v1/apply", axum::routing::post(apply))
+        .route("/api/v1/resources", get(list_all))
+        .route("/api/v1/resources/{kind}", get(list_kind))
+        .route(
+            "/api/v1/resources/{kind}/{namespace}/{name}",
+            get(get_one).delete(delete_one),
+        )
+        .route("/api/v1/audit", get(audit))
+        .route("/api/v1/services", get(services))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            trellis_core::resources::MAX_APPLY_BYTES + 1024,
+        ))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (
+        status,
+        axum::Json(json!({ "errors": [{ "reason": message.into() }] })),
+    )
+        .into_response()
+}
+
+fn storage_error(e: StoreError) -> Response {
+    match e {
+        StoreError::Conflict(c) => {
+            (StatusCode::CONFLICT, axum::Json(json!({ "errors": [c] }))).into_response()
+        }
+        StoreError::Storage(m) => error(StatusCode::INTERNAL_SERVER_ERROR, m),
+    }
+}
+
+fn actor(headers: &HeaderMap) -> String {
+    headers
+        .get("x-trellis-actor")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty() && s.len() <= 128)
+        .unwrap_or("anonymous")
+        .to_owned()
+}
+
+fn kind(s: &str) -> Result<Kind, Response> {
+    Kind::parse_loose(s).ok_or_else(|| {
+        error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "unknown kind {s:?}; known kinds: {}",
+                Kind::ALL.map(|k| k.as_str()).join(", ")
+            ),
+        )
+    })
+}
+
+async fn metrics(State(st): State<Shared>) -> Response {
+    let mut out = String::new();
+    match prometheus_client::encoding::text::encode(&mut out, &st.registry) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            out,
+        )
+            .into_response(),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "metrics encoding failed"),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ApplyQuery {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+#[derive(Serialize)]
+struct Warning {
+    resource: String,
+    path: String,
+    message: String,
+}
+
+async fn apply(
+    State(st): State<Shared>,
+    Query(q): Query<ApplyQuery>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return error(StatusCode::BAD_REQUEST, "body is not UTF-8 text");
+    };
+    let resources = match parse_documents(text) {
+        Ok(r) => r,
+        Err(errors) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({ "errors": errors })),
+            )
+                .into_response();
+        }
+    };
+    // Unknown services are warnings: they may be applied or start later.
+    let known = st.hub.snapshot();
+    let declared: std::collections::HashSet<String> = st
+        .store
+        .list(Some(Kind::Service))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|s| s.resource.metadata.name)
+        .chain(
+            resources
+                .iter()
+                .filter(|r| r.kind == Kind::Service)
+                .map(|r| r.metadata.name.clone()),
+        )
+        .collect();
+    let warnings: Vec<Warning> = resources
+        .iter()
+        .flat_map(|r| {
+            referenced_services(r)
+                .into_iter()
+                .map(move |(path, name)| (r, path, name))
+        })
+        .filter(|(_, _, name)| {
+            !declared.contains(name) && !known.keys().any(|k| k.as_str() == name)
+        })
+        .map(|(r, path, name)| Warning {
+            resource: format!("{}/{}", r.kind, r.metadata.name),
+            path,
+            message: format!(
+                "service {name:?} is not known (no Service resource, no running instance)"
+            ),
+        })
+        .collect();
+    let store = st.store.clone();
+    let who = actor(&headers);
+    let result =
+        tokio::task::spawn_blocking(move || store.apply(&resources, &who, q.dry_run)).await;
+    match result {
+        Ok(Ok(outcome)) => axum::Json(json!({
+            "version": outcome.version,
+            "dryRun": outcome.dry_run,
+            "results": outcome.results,
+            "warnings": warnings,
+        }))
+        .into_response(),
+        Ok(Err(e)) => storage_error(e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn list_all(State(st): State<Shared>) -> Response {
+    match st.store.list(None) {
+        Ok(items) => {
+            axum::Json(json!({ "items": items, "version": st.store.version() })).into_response()
+        }
+        Err(e) => storage_error(e),
+    }
+}
+
+async fn list_kind(State(st): State<Shared>, Path(k): Path<String>) -> Response {
+    let kind = match kind(&k) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    match st.store.list(Some(kind)) {
+        Ok(items) => {
+            axum::Json(json!({ "items": items, "version": st.store.version() })).into_response()
+        }
+        Err(e) => storage_error(e),
+    }
+}
+
+fn key(k: &str, namespace: String, name: String) -> Result<ResourceKey, Response> {
+    Ok(ResourceKey {
+        kind: kind(k)?,
+        namespace,
+        name,
+    })
+}
+
+async fn get_one(
+    State(st): State<Shared>,
+    Path((k, namespace, name)): Path<(String, String, String)>,
+) -> Response {
+    let key = match key(&k, namespace, name) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    match st.store.get(&key) {
+        Ok(Some(item)) => axum::Json(item).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("{key} not found")),
+        Err(e) => storage_error(e),
+    }
+}
+
+async fn delete_one(
+    State(st): State<Shared>,
+    headers: HeaderMap,
+    Path((k, namespace, name)): Path<(String, String, String)>,
+) -> Response {
+    let key = match key(&k, namespace, name) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let store = st.store.clone();
+    let who = actor(&headers);
+    let k2 = key.clone();
+    match tokio::task::spawn_blocking(move || store.delete(&k2, &who)).await {
+        Ok(Ok(Some(version))) => {
+            axum::Json(json!({ "deleted": key.to_string(), "version": version })).into_response()
+        }
+        Ok(Ok(None)) => error(StatusCode::NOT_FOUND, format!("{key} not found")),
+        Ok(Err(e)) => storage_error(e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    limit: Option<usize>,
+}
+
+async fn audit(State(st): State<Shared>, Query(q): Query<AuditQuery>) -> Response {
+    match st.store.audit(q.limit.unwrap_or(100).min(10_000)) {
+        Ok(records) => axum::Json(json!({ "items": records })).into_response(),
+        Err(e) => storage_error(e),
+    }
+}
+
+async fn services(State(st): State<Shared>) -> Response {
+    let items: Vec<_> = st
+        .hub
+        .snapshot()
+        .into_iter()
+        .map(|(name, endpoints)| json!({ "name": name, "instances": endpoints }))
+        .collect();
+    axum::Json(json!({ "items": items })).into_response()
+}
+
+async fn openapi() -> Response {
+    axum::Json(openapi_document()).into_response()
+}
+
+/// The OpenAPI 3.1 description of this API.
+pub fn openapi_document() -> serde_json::Value {
+    let errors = json!({ "description": "rejected", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Errors" } } } });
+    let kind_param = json!({ "name": "kind", "in": "path", "required": true, "schema": { "type": "string", "enum": Kind::ALL.map(|k| k.as_str()) } });
+    let ns_param = json!({ "name": "namespace", "in": "path", "required": true, "schema": { "type": "string" } });
+    let name_param =
+        json!({ "name": "name", "in": "path", "required": true, "schema": { "type": "string" } });
+    json!({
+        "openapi": "3.1.0",
+        "info": { "title": "Trellis control plane API", "version": "v1" },
+        "paths": {
+            "/api/v1/apply": { "post": {
+                "summary": "Apply one or more resources (YAML or JSON, several documents), atomically",
+                "parameters": [{ "name": "dryRun", "in": "query", "schema": { "type": "boolean" } }],
+                "requestBody": { "required": true, "content": { "application/yaml": { "schema": { "type": "string" } }, "application/json": { "schema": {} } } },
+                "responses": { "200": { "description": "applied", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/ApplyResult" } } } }, "400": errors, "409": errors }
+            }},
+            "/api/v1/resources": { "get": { "summary": "All resources", "responses": { "200": { "description": "resources", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/ResourceList" } } } } } } },
+            "/api/v1/resources/{kind}": { "get": { "summary": "Resources of one kind", "parameters": [kind_param], "responses": { "200": { "description": "resources", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/ResourceList" } } } }, "404": errors } } },
+            "/api/v1/resources/{kind}/{namespace}/{name}": {
+                "get": { "summary": "One resource", "parameters": [kind_param, ns_param, name_param], "responses": { "200": { "description": "the resource", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/StoredResource" } } } }, "404": errors } },
+                "delete": { "summary": "Delete one resource", "parameters": [kind_param, ns_param, name_param], "responses": { "200": { "description": "deleted", "content": { "application/json": { "schema": { "type": "object" } } } }, "404": errors } }
+            },
+            "/api/v1/audit": { "get": { "summary": "Audit log, newest first", "parameters": [{ "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 0 } }], "responses": { "200": { "description": "records", "content": { "application/json": { "schema": { "type": "object", "properties": { "items": { "type": "array", "items": { "$ref": "#/components/schemas/AuditRecord" } } } } } } } } } },
+            "/api/v1/services": { "get": { "summary": "Services and their live instances", "responses": { "200": { "description": "services", "content": { "application/json": { "schema": { "type": "object" } } } } } } }
+        },
+        "components": { "schemas": {
+            "Errors": { "type": "object", "properties": { "errors": { "type": "array", "items": { "type": "object", "properties": {
+                "document": { "type": "integer" }, "resource": { "type": ["string", "null"] }, "path": { "type": "string" }, "reason": { "type": "string" } } } } } },
+            "ApplyResult": { "type": "object", "properties": { "version": { "type": "integer" }, "dryRun": { "type": "boolean" },
+                "results": { "type": "array", "items": { "type": "object", "properties": { "resource": { "type": "string" }, "action": { "type": "string", "enum": ["created", "configured", "unchanged"] } } } },
+                "warnings": { "type": "array", "items": { "type": "object" } } } },
+            "StoredResource": { "type": "object", "properties": { "resource": { "type": "object" }, "version": { "type": "integer" }, "updated": { "type": "string" } } },
+            "ResourceList": { "type": "object", "properties": { "items": { "type": "array", "items": { "$ref": "#/components/schemas/StoredResource" } }, "version": { "type": "integer" } } },
+            "AuditRecord": { "type": "object", "properties": { "version": { "type": "integer" }, "time": { "type": "string" }, "actor": { "type": "string" }, "action": { "type": "string" }, "resource": { "type": "string" }, "old": {}, "new": {} } }
+        } }
+    })
+}

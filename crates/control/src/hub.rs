@@ -1,0 +1,533 @@
+//! The discovery hub: the registry of live instances, the route tables derived from resources,
+//! and every connected proxy's subscriptions. It is transport-free: sessions receive
+//! [`DestinationDelta`]s through channels, and the gRPC layer only converts and forwards.
+//!
+//! Each session remembers what it was last sent per watched service, so every change turns
+//! into a minimal diff (upserted/removed endpoints, routes only when they changed). A session
+//! whose channel is full is closed rather than blocking the hub; its proxy reconnects and
+//! resyncs from a fresh snapshot.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use trellis_core::discovery::{DestinationDelta, DiscoveredEndpoint, InstanceInfo, RouteTable};
+use trellis_core::names::ServiceName;
+use trellis_core::resources::{AppProtocol, MeshConfigSpec, Resource, Spec};
+
+use crate::metrics::ControlMetrics;
+
+pub type SessionId = u64;
+
+/// What the hub sends to a session.
+#[derive(Debug, Clone)]
+pub enum Push {
+    Destination(DestinationDelta),
+    MeshConfig(MeshConfigSpec),
+}
+
+/// Most services one proxy may watch (a bound against a rogue client).
+pub const MAX_WATCHES_PER_SESSION: usize = 10_000;
+/// Queue of pushes per session before it is considered stuck.
+pub const SESSION_QUEUE: usize = 4096;
+
+#[derive(Debug, Clone, Default, PartialEq)]
+struct ServiceView {
+    endpoints: BTreeMap<String, DiscoveredEndpoint>,
+    routes: RouteTable,
+    protocol: Option<AppProtocol>,
+    declared: bool,
+}
+
+impl ServiceView {
+    fn exists(&self) -> bool {
+        self.declared || !self.endpoints.is_empty() || !self.routes.rules.is_empty()
+    }
+}
+
+struct Session {
+    tx: mpsc::Sender<Push>,
+    /// What this session was last sent, per watched service.
+    sent: HashMap<ServiceName, ServiceView>,
+    /// Instances registered through this session (normally one).
+    instances: HashSet<(ServiceName, String)>,
+    last_seen: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    services: HashMap<ServiceName, ServiceView>,
+    sessions: HashMap<SessionId, Session>,
+    watchers: HashMap<ServiceName, HashSet<SessionId>>,
+    mesh_config: MeshConfigSpec,
+    next_session: SessionId,
+}
+
+/// Shared handle to the hub.
+#[derive(Clone)]
+pub struct Hub {
+    state: Arc<Mutex<State>>,
+    metrics: ControlMetrics,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HubError {
+    #[error("unknown session")]
+    UnknownSession,
+    #[error("too many watched services (at most {MAX_WATCHES_PER_SESSION})")]
+    TooManyWatches,
+}
+
+impl Hub {
+    pub fn new(metrics: ControlMetrics) -> Self {
+        Self {
+            state: Arc::default(),
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock would be a bug; keep serving with the state as is.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Opens a session for a newly connected proxy.
+    pub fn open_session(&self) -> (SessionId, mpsc::Receiver<Push>) {
+        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+        let mut st = self.lock();
+        st.next_session += 1;
+        let id = st.next_session;
+        let _ = tx.try_send(Push::MeshConfig(st.mesh_config.clone()));
+        st.sessions.insert(
+            id,
+            Session {
+                tx,
+                sent: HashMap::new(),
+                instances: HashSet::new(),
+                last_seen: Instant::now(),
+            },
+        );
+        self.metrics.proxies_connected.set(st.sessions.len() as i64);
+        (id, rx)
+    }
+
+    /// Registers (or re-registers) an instance owned by `session`.
+    pub fn register(&self, session: SessionId, info: InstanceInfo) -> Result<(), HubError> {
+        let start = Instant::now();
+        let mut st = self.lock();
+        let s = st
+            .sessions
+            .get_mut(&session)
+            .ok_or(HubError::UnknownSession)?;
+        s.instances
+            .insert((info.service.clone(), info.instance_id.clone()));
+        s.last_seen = Instant::now();
+        let service = info.service.clone();
+        st.services
+            .entry(service.clone())
+            .or_default()
+            .endpoints
+            .insert(info.instance_id.clone(), info.endpoint());
+        self.update_instance_gauge(&st);
+        self.fan_out(&mut st, &service, start);
+        Ok(())
+    }
+
+    /// Removes the instances a session registered (deregistration, or the stream broke).
+    pub fn deregister(&self, session: SessionId) {
+        let start = Instant::now();
+        let mut st = self.lock();
+        let Some(s) = st.sessions.get_mut(&session) else {
+            return;
+        };
+        let owned: Vec<_> = s.instances.drain().collect();
+        for (service, id) in owned {
+            if let Some(view) = st.services.get_mut(&service) {
+                view.endpoints.remove(&id);
+            }
+            self.fan_out(&mut st, &service, start);
+        }
+        self.update_instance_gauge(&st);
+    }
+
+    /// Ends a session: its instances leave the registry, its watches end.
+    pub fn close_session(&self, session: SessionId) {
+        self.deregister(session);
+        let mut st = self.lock();
+        if let Some(s) = st.sessions.remove(&session) {
+            for service in s.sent.keys() {
+                if let Some(w) = st.watchers.get_mut(service) {
+                    w.remove(&session);
+                }
+            }
+        }
+        self.metrics.proxies_connected.set(st.sessions.len() as i64);
+    }
+
+    pub fn heartbeat(&self, session: SessionId) -> Result<(), HubError> {
+        let mut st = self.lock();
+        let s = st
+            .sessions
+            .get_mut(&session)
+            .ok_or(HubError::UnknownSession)?;
+        s.last_seen = Instant::now();
+        Ok(())
+    }
+
+    /// Starts watching `service`: the session gets a full snapshot now and diffs after.
+    pub fn watch(&self, session: SessionId, service: ServiceName) -> Result<(), HubError> {
+        let mut st = self.lock();
+        let view = st.services.get(&service).cloned().unwrap_or_default();
+        let s = st
+            .sessions
+            .get_mut(&session)
+            .ok_or(HubError::UnknownSession)?;
+        if !s.sent.contains_key(&service) && s.sent.len() >= MAX_WATCHES_PER_SESSION {
+            return Err(HubError::TooManyWatches);
+        }
+        let delta = DestinationDelta {
+            service: service.clone(),
+            reset: true,
+            exists: view.exists(),
+            protocol: view.protocol,
+            upserted: view.endpoints.values().cloned().collect(),
+            removed: Vec::new(),
+            routes: Some(view.routes.clone()),
+        };
+        let ok = s.tx.try_send(Push::Destination(delta)).is_ok();
+        s.sent.insert(service.clone(), view);
+        st.watchers.entry(service).or_default().insert(session);
+        if !ok {
+            drop(st);
+            self.close_session(session);
+        }
+        Ok(())
+    }
+
+    pub fn unwatch(&self, session: SessionId, service: &ServiceName) {
+        let mut st = self.lock();
+        if let Some(s) = st.sessions.get_mut(&session) {
+            s.sent.remove(service);
+        }
+        if let Some(w) = st.watchers.get_mut(service) {
+            w.remove(&session);
+        }
+    }
+
+    /// Expires sessions that sent nothing for `ttl` (a hung proxy whose TCP stream stays up).
+    pub fn expire(&self, ttl: Duration) -> usize {
+        let stale: Vec<SessionId> = {
+            let st = self.lock();
+            st.sessions
+                .iter()
+                .filter(|(_, s)| s.last_seen.elapsed() > ttl && !s.instances.is_empty())
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        for id in &stale {
+            tracing::info!(session = id, "instance heartbeat expired");
+            self.deregister(*id);
+        }
+        stale.len()
+    }
+
+    /// Recomputes route tables, protocols and declared services from the full resource set.
+    pub fn resources_changed(&self, resources: &[Resource]) {
+        let start = Instant::now();
+        let mut routes: HashMap<ServiceName, Vec<(&str, &trellis_core::resources::HttpRouteSpec)>> =
+            HashMap::new();
+        let mut declared: HashMap<ServiceName, Option<AppProtocol>> = HashMap::new();
+        let mut mesh_config = MeshConfigSpec::default();
+        for r in resources {
+            match &r.spec {
+                Spec::HTTPRoute(spec) => {
+                    for p in &spec.parent_refs {
+                        if let Ok(name) = ServiceName::new(p.name.as_str()) {
+                            routes
+                                .entry(name)
+                                .or_default()
+                                .push((r.metadata.name.as_str(), spec));
+                        }
+                    }
+                }
+                Spec::Service(spec) => {
+                    if let Ok(name) = ServiceName::new(r.metadata.name.as_str()) {
+                        declared.insert(name, spec.ports.first().map(|p| p.app_protocol));
+                    }
+                }
+                Spec::MeshConfig(spec) => mesh_config = spec.clone(),
+                _ => {}
+            }
+        }
+        let mut st = self.lock();
+        let names: HashSet<ServiceName> = st
+            .services
+            .keys()
+            .chain(routes.keys())
+            .chain(declared.keys())
+            .cloned()
+            .collect();
+        for name in names {
+            let table = routes
+                .get(&name)
+                .map(|rs| RouteTable::from_http_routes(rs.iter().copied()))
+                .unwrap_or_default();
+            let view = st.services.entry(name.clone()).or_default();
+            let protocol = declared.get(&name).copied().flatten();
+            let is_declared = declared.contains_key(&name);
+            if view.routes != table || view.protocol != protocol || view.declared != is_declared {
+                view.routes = table;
+                view.protocol = protocol;
+                view.declared = is_declared;
+                self.fan_out(&mut st, &name, start);
+            }
+        }
+        if st.mesh_config != mesh_config {
+            st.mesh_config = mesh_config.clone();
+            for s in st.sessions.values() {
+                let _ = s.tx.try_send(Push::MeshConfig(mesh_config.clone()));
+            }
+        }
+    }
+
+    /// Sends every watcher of `service` what changed since its last push.
+    fn fan_out(&self, st: &mut State, service: &ServiceName, change_start: Instant) {
+        let Some(view) = st.services.get(service).cloned() else {
+            return;
+        };
+        let watchers: Vec<SessionId> = st
+            .watchers
+            .get(service)
+            .map(|w| w.iter().copied().collect())
+            .unwrap_or_default();
+        let mut stuck = Vec::new();
+        for id in watchers {
+            let Some(s) = st.sessions.get_mut(&id) else {
+                continue;
+            };
+            let Some(sent) = s.sent.get_mut(service) else {
+                continue;
+            };
+            let delta = diff(service, sent, &view);
+            let Some(delta) = delta else { continue };
+            if s.tx.try_send(Push::Destination(delta)).is_err() {
+                stuck.push(id);
+                continue;
+            }
+            *sent = view.clone();
+        }
+        self.metrics
+            .push_duration
+            .observe(change_start.elapsed().as_secs_f64());
+        for id in stuck {
+            tracing::warn!(
+                session = id,
+                "proxy is not reading its updates; closing its session"
+            );
+            if let Some(s) = st.sessions.remove(&id) {
+                for svc in s.sent.keys() {
+                    if let Some(w) = st.watchers.get_mut(svc) {
+                        w.remove(&id);
+                    }
+                }
+                for (svc, inst) in s.instances {
+                    if let Some(v) = st.services.get_mut(&svc) {
+                        v.endpoints.remove(&inst);
+                    }
+                }
+            }
+        }
+    }
+
+    fn update_instance_gauge(&self, st: &State) {
+        let n: usize = st.services.values().map(|v| v.endpoints.len()).sum();
+        self.metrics.instances.set(n as i64);
+    }
+
+    /// Services and their live instances, for the API and the CLI.
+    pub fn snapshot(&self) -> BTreeMap<ServiceName, Vec<DiscoveredEndpoint>> {
+        let st = self.lock();
+        st.services
+            .iter()
+            .filter(|(_, v)| v.exists())
+            .map(|(k, v)| (k.clone(), v.endpoints.values().cloned().collect()))
+            .collect()
+    }
+
+    pub fn sessions(&self) -> usize {
+        self.lock().sessions.len()
+    }
+}
+
+/// The delta from `sent` to `now`, or `None` when nothing changed.
+fn diff(service: &ServiceName, sent: &ServiceView, now: &ServiceView) -> Option<DestinationDelta> {
+    let upserted: Vec<DiscoveredEndpoint> = now
+        .endpoints
+        .iter()
+        .filter(|(id, ep)| sent.endpoints.get(*id) != Some(ep))
+        .map(|(_, ep)| ep.clone())
+        .collect();
+    let removed: Vec<String> = sent
+        .endpoints
+        .keys()
+        .filter(|id| !now.endpoints.contains_key(*id))
+        .cloned()
+        .collect();
+    let routes = (sent.routes != now.routes).then(|| now.routes.clone());
+    let meta_changed = sent.protocol != now.protocol || sent.exists() != now.exists();
+    if upserted.is_empty() && removed.is_empty() && routes.is_none() && !meta_changed {
+        return None;
+    }
+    Some(DestinationDelta {
+        service: service.clone(),
+        reset: false,
+        exists: now.exists(),
+        protocol: now.protocol,
+        upserted,
+        removed,
+        routes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::registry::Registry;
+
+    fn hub() -> Hub {
+        Hub::new(ControlMetrics::new(&mut Registry::default()))
+    }
+
+    fn instance(service: &str, id: &str, port: u16) -> InstanceInfo {
+        InstanceInfo {
+            service: ServiceName::new(service).expect("name"),
+            namespace: Default::default(),
+            instance_id: id.into(),
+            address: ([127, 0, 0, 1], port).into(),
+            zone: String::new(),
+            labels: BTreeMap::new(),
+        }
+    }
+
+    fn next_destination(rx: &mut mpsc::Receiver<Push>) -> DestinationDelta {
+        loop {
+            match rx.try_recv().expect("a push") {
+                Push::Destination(d) => return d,
+                Push::MeshConfig(_) => continue,
+            }
+        }
+    }
+
+    #[test]
+    fn watchers_get_a_snapshot_then_minimal_diffs() {
+        let hub = hub();
+        let (server, _srx) = hub.open_session();
+        hub.register(server, instance("payments", "p1", 1))
+            .expect("register");
+        let (client, mut rx) = hub.open_session();
+        let payments = ServiceName::new("payments").expect("name");
+        hub.watch(client, payments.clone()).expect("watch");
+        let snap = next_destination(&mut rx);
+        assert!(snap.reset && snap.exists);
+        assert_eq!(snap.upserted.len(), 1);
+
+        let (server2, _rx2) = hub.open_session();
+        hub.register(server2, instance("payments", "p2", 2))
+            .expect("register");
+        let d = next_destination(&mut rx);
+        assert!(!d.reset);
+        assert_eq!(
+            d.upserted
+                .iter()
+                .map(|e| e.instance_id.as_str())
+                .collect::<Vec<_>>(),
+            vec!["p2"]
+        );
+        assert!(d.routes.is_none(), "routes unchanged, not resent");
+
+        hub.close_session(server);
+        let d = next_destination(&mut rx);
+        assert_eq!(d.removed, vec!["p1".to_string()]);
+        assert!(rx.try_recv().is_err(), "nothing else pending");
+    }
+
+    #[test]
+    fn unknown_services_report_not_existing_until_they_appear() {
+        let hub = hub();
+        let (client, mut rx) = hub.open_session();
+        hub.watch(client, ServiceName::new("ghost").expect("name"))
+            .expect("watch");
+        assert!(!next_destination(&mut rx).exists);
+        let (server, _r) = hub.open_session();
+        hub.register(server, instance("ghost", "g1", 1))
+            .expect("register");
+        assert!(next_destination(&mut rx).exists);
+    }
+
+    #[test]
+    fn route_changes_reach_watchers() {
+        let hub = hub();
+        let (client, mut rx) = hub.open_session();
+        let web = ServiceName::new("web").expect("name");
+        hub.watch(client, web).expect("watch");
+        let _ = next_destination(&mut rx);
+        let rs = trellis_core::resources::parse_documents(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: split}\nspec:\n  parentRefs: [{name: web}]\n  rules:\n    - backendRefs: [{name: web-v1, weight: 80}, {name: web-v2, weight: 20}]\n",
+        )
+        .expect("valid");
+        hub.resources_changed(&rs);
+        let d = next_destination(&mut rx);
+        let routes = d.routes.expect("routes pushed");
+        assert_eq!(routes.rules[0].backends.len(), 2);
+        hub.resources_changed(&rs);
+        assert!(rx.try_recv().is_err(), "same resources, no push");
+    }
+
+    #[test]
+    fn watch_limit_is_enforced() {
+        let hub = hub();
+        let (client, mut rx) = hub.open_session();
+        for i in 0..MAX_WATCHES_PER_SESSION {
+            hub.watch(client, ServiceName::new(format!("s{i}")).expect("name"))
+                .expect("within limit");
+            while rx.try_recv().is_ok() {}
+        }
+        let over = hub.watch(client, ServiceName::new("one-more").expect("name"));
+        assert_eq!(over, Err(HubError::TooManyWatches));
+    }
+
+    #[test]
+    fn a_proxy_that_stops_reading_is_disconnected() {
+        let hub = hub();
+        let (client, _rx_never_read) = hub.open_session();
+        // The watch that finds the queue full closes the session; later calls fail.
+        let mut closed = false;
+        for i in 0..SESSION_QUEUE + 1 {
+            if hub
+                .watch(client, ServiceName::new(format!("s{i}")).expect("name"))
+                .is_err()
+            {
+                closed = true;
+                break;
+            }
+        }
+        assert!(closed);
+        assert_eq!(hub.sessions(), 0);
+    }
+
+    #[test]
+    fn silent_sessions_expire() {
+        let hub = hub();
+        let (server, _rx) = hub.open_session();
+        hub.register(server, instance("payments", "p1", 1))
+            .expect("register");
+        assert_eq!(hub.expire(Duration::from_secs(3600)), 0);
+        assert_eq!(hub.expire(Duration::ZERO), 1);
+        assert!(
+            hub.snapshot()
+                .get(&ServiceName::new("payments").expect("n"))
+                .is_none_or(|e| e.is_empty())
+        );
+    }
+}

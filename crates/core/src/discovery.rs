@@ -1,0 +1,378 @@
+//! What a proxy needs to know about a destination service: its endpoints and its route table.
+//! Built by the control plane from the registry and resources, carried over the API, and
+//! evaluated by the proxy per request ([`RouteTable::select`]).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::duration::parse_duration;
+use crate::names::ServiceName;
+use crate::resources::{HttpRouteMatch, HttpRouteSpec, PathMatchType};
+
+/// One instance of a service, as the registry knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DiscoveredEndpoint {
+    pub instance_id: String,
+    /// The instance proxy's inbound (advertised) address.
+    pub address: SocketAddr,
+    pub zone: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Where a matched request goes: a service and its share of traffic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WeightedBackend {
+    pub service: ServiceName,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum PathRule {
+    Exact(String),
+    Prefix(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RouteMatch {
+    pub path: Option<PathRule>,
+    /// Exact header matches (names lower-case).
+    pub headers: Vec<(String, String)>,
+    pub query: Vec<(String, String)>,
+    pub method: Option<String>,
+}
+
+/// One route: the first rule whose matches accept a request decides its backends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RouteRule {
+    /// `<route name>` or `<route name>.<rule name>`; the metrics `route` label.
+    pub name: String,
+    /// Any one must match; empty matches everything.
+    pub matches: Vec<RouteMatch>,
+    /// Empty: the destination service itself.
+    pub backends: Vec<WeightedBackend>,
+    pub request_timeout: Option<Duration>,
+    pub backend_timeout: Option<Duration>,
+}
+
+/// Ordered route rules of one service (most specific first).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct RouteTable {
+    pub rules: Vec<RouteRule>,
+}
+
+/// Header lookup by lower-case name (implemented by the proxy over its header map).
+pub trait Headers {
+    fn get(&self, name: &str) -> Option<&str>;
+}
+
+/// The parts of a request that routes look at.
+pub struct RequestFacts<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a dyn Headers,
+}
+
+impl RouteMatch {
+    fn accepts(&self, req: &RequestFacts<'_>) -> bool {
+        let path_ok = match &self.path {
+            None => true,
+            Some(PathRule::Exact(p)) => req.path == p,
+            Some(PathRule::Prefix(p)) => path_has_prefix(req.path, p),
+        };
+        path_ok
+            && self.method.as_deref().is_none_or(|m| m == req.method)
+            && self
+                .headers
+                .iter()
+                .all(|(k, v)| req.headers.get(k) == Some(v.as_str()))
+            && self.query.iter().all(|(k, v)| {
+                req.query.is_some_and(|q| {
+                    q.split('&').any(|kv| {
+                        kv.split_once('=')
+                            .is_some_and(|(qk, qv)| qk == k && qv == v)
+                    })
+                })
+            })
+    }
+
+    /// Gateway API precedence: exact path, then longer prefix, then method, headers, query.
+    fn precedence(&self) -> (u8, usize, u8, usize, usize) {
+        let (exact, len) = match &self.path {
+            Some(PathRule::Exact(p)) => (1, p.len()),
+            Some(PathRule::Prefix(p)) => (0, p.len()),
+            None => (0, 1),
+        };
+        (
+            exact,
+            len,
+            u8::from(self.method.is_some()),
+            self.headers.len(),
+            self.query.len(),
+        )
+    }
+}
+
+/// `/api` matches `/api`, `/api/` and `/api/x`, not `/apix` (segment-wise, as the Gateway API).
+fn path_has_prefix(path: &str, prefix: &str) -> bool {
+    let prefix = prefix.trim_end_matches('/');
+    if prefix.is_empty() {
+        return true;
+    }
+    path.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+impl RouteTable {
+    /// The rule for a request, if any rule matches.
+    pub fn select(&self, req: &RequestFacts<'_>) -> Option<&RouteRule> {
+        self.rules
+            .iter()
+            .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.accepts(req)))
+    }
+
+    /// Builds the table of `service` from the HTTPRoutes attached to it, ordered by
+    /// precedence. `routes` are `(route name, spec)`.
+    pub fn from_http_routes<'a>(
+        routes: impl IntoIterator<Item = (&'a str, &'a HttpRouteSpec)>,
+    ) -> Self {
+        let mut flat: Vec<(RouteMatch, RouteRule)> = Vec::new();
+        for (route_name, spec) in routes {
+            for rule in &spec.rules {
+                let name = match &rule.name {
+                    Some(n) => format!("{route_name}.{n}"),
+                    None => route_name.to_owned(),
+                };
+                let backends = rule
+                    .backend_refs
+                    .iter()
+                    .filter_map(|b| {
+                        Some(WeightedBackend {
+                            service: ServiceName::new(b.name.as_str()).ok()?,
+                            weight: u32::try_from(b.weight).ok()?,
+                        })
+                    })
+                    .collect::<Vec<_>>();
+                let timeouts = rule.timeouts.as_ref();
+                let dur = |s: Option<&String>| s.and_then(|s| parse_duration(s).ok());
+                let base = RouteRule {
+                    name,
+                    matches: Vec::new(),
+                    backends,
+                    request_timeout: dur(timeouts.and_then(|t| t.request.as_ref())),
+                    backend_timeout: dur(timeouts.and_then(|t| t.backend_request.as_ref())),
+                };
+                let matches: Vec<RouteMatch> = if rule.matches.is_empty() {
+                    vec![convert_match(&HttpRouteMatch {
+                        path: None,
+                        headers: vec![],
+                        query_params: vec![],
+                        method: None,
+                    })]
+                } else {
+                    rule.matches.iter().map(convert_match).collect()
+                };
+                for m in matches {
+                    flat.push((m, base.clone()));
+                }
+            }
+        }
+        // Stable sort keeps apply order among equals.
+        flat.sort_by(|a, b| b.0.precedence().cmp(&a.0.precedence()));
+        RouteTable {
+            rules: flat
+                .into_iter()
+                .map(|(m, mut rule)| {
+                    rule.matches = vec![m];
+                    rule
+                })
+                .collect(),
+        }
+    }
+}
+
+fn convert_match(m: &HttpRouteMatch) -> RouteMatch {
+    RouteMatch {
+        path: m.path.as_ref().map(|p| match p.kind {
+            PathMatchType::Exact => PathRule::Exact(p.value.clone()),
+            _ => PathRule::Prefix(p.value.clone()),
+        }),
+        headers: m
+            .headers
+            .iter()
+            .map(|h| (h.name.to_ascii_lowercase(), h.value.clone()))
+            .collect(),
+        query: m
+            .query_params
+            .iter()
+            .map(|q| (q.name.clone(), q.value.clone()))
+            .collect(),
+        method: m.method.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::{Spec, parse_documents};
+
+    fn table(yaml: &str) -> RouteTable {
+        let rs = parse_documents(yaml).expect("valid");
+        RouteTable::from_http_routes(rs.iter().filter_map(|r| match &r.spec {
+            Spec::HTTPRoute(s) => Some((r.metadata.name.as_str(), s)),
+            _ => None,
+        }))
+    }
+
+    struct H(Vec<(&'static str, &'static str)>);
+    impl Headers for H {
+        fn get(&self, name: &str) -> Option<&str> {
+            self.0.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
+        }
+    }
+
+    fn facts<'a>(method: &'a str, path: &'a str, headers: &'a H) -> RequestFacts<'a> {
+        let (path, query) = match path.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path, None),
+        };
+        RequestFacts {
+            method,
+            path,
+            query,
+            headers,
+        }
+    }
+
+    const ROUTES: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: catchall}
+spec:
+  parentRefs: [{name: web}]
+  rules:
+    - backendRefs: [{name: web-v1}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api}
+spec:
+  parentRefs: [{name: web}]
+  rules:
+    - name: canary
+      matches: [{path: {type: PathPrefix, value: /api}, headers: [{name: X-Canary, value: "yes"}]}]
+      backendRefs: [{name: web-v2}]
+    - matches: [{path: {type: PathPrefix, value: /api}}]
+      backendRefs: [{name: web-v1, weight: 80}, {name: web-v2, weight: 20}]
+      timeouts: {request: 2s}
+    - matches: [{path: {type: Exact, value: /api/health}, method: GET}]
+      backendRefs: [{name: health}]
+    - matches: [{path: {value: /search}, queryParams: [{name: beta, value: "1"}]}]
+      backendRefs: [{name: search-beta}]
+"#;
+
+    #[test]
+    fn most_specific_rule_wins() {
+        let t = table(ROUTES);
+        let none = H(vec![]);
+        let canary = H(vec![("x-canary", "yes")]);
+        let pick = |m, p, h: &H| {
+            t.select(&facts(m, p, h))
+                .map(|r| r.backends[0].service.to_string())
+        };
+        assert_eq!(pick("GET", "/api/health", &none).as_deref(), Some("health"));
+        assert_eq!(
+            pick("POST", "/api/health", &none).as_deref(),
+            Some("web-v1")
+        );
+        assert_eq!(
+            pick("GET", "/api/orders", &canary).as_deref(),
+            Some("web-v2")
+        );
+        assert_eq!(pick("GET", "/api/orders", &none).as_deref(), Some("web-v1"));
+        assert_eq!(
+            pick("GET", "/apix", &none).as_deref(),
+            Some("web-v1"),
+            "falls to catch-all"
+        );
+        assert_eq!(
+            pick("GET", "/search?beta=1", &none).as_deref(),
+            Some("search-beta")
+        );
+        assert_eq!(
+            t.select(&facts("GET", "/api/x", &none))
+                .map(|r| r.name.as_str()),
+            Some("api")
+        );
+        assert_eq!(
+            t.select(&facts("GET", "/api/x", &canary))
+                .map(|r| r.name.as_str()),
+            Some("api.canary")
+        );
+        let split = t.select(&facts("GET", "/api/x", &none)).expect("rule");
+        assert_eq!(split.request_timeout, Some(Duration::from_secs(2)));
+        assert_eq!(
+            split.backends.iter().map(|b| b.weight).collect::<Vec<_>>(),
+            vec![80, 20]
+        );
+    }
+
+    #[test]
+    fn prefix_matching_is_segment_wise() {
+        assert!(path_has_prefix("/api", "/api"));
+        assert!(path_has_prefix("/api/", "/api"));
+        assert!(path_has_prefix("/api/x", "/api/"));
+        assert!(!path_has_prefix("/apix", "/api"));
+        assert!(path_has_prefix("/anything", "/"));
+    }
+
+    #[test]
+    fn empty_table_selects_nothing() {
+        let none = H(vec![]);
+        assert!(
+            RouteTable::default()
+                .select(&facts("GET", "/", &none))
+                .is_none()
+        );
+    }
+}
+
+/// A proxy's own instance, as it registers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InstanceInfo {
+    pub service: ServiceName,
+    pub namespace: crate::names::Namespace,
+    pub instance_id: String,
+    pub address: SocketAddr,
+    pub zone: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl InstanceInfo {
+    pub fn endpoint(&self) -> DiscoveredEndpoint {
+        DiscoveredEndpoint {
+            instance_id: self.instance_id.clone(),
+            address: self.address,
+            zone: self.zone.clone(),
+            labels: self.labels.clone(),
+        }
+    }
+}
+
+/// A change to what a proxy knows about one destination service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DestinationDelta {
+    pub service: ServiceName,
+    /// Replace everything known (first push or resync) rather than patch.
+    pub reset: bool,
+    /// Whether the service exists at all (a Service resource or at least one instance).
+    pub exists: bool,
+    pub protocol: Option<crate::resources::AppProtocol>,
+    pub upserted: Vec<DiscoveredEndpoint>,
+    pub removed: Vec<String>,
+    /// The new route table, when it changed.
+    pub routes: Option<RouteTable>,
+}
