@@ -71,9 +71,18 @@ fn actor(headers: &HeaderMap) -> String {
         .to_owned()
 }
 
-fn kind(s: &str) -> Result<Kind, Response> {
+/// A request the API refuses before touching the store.
+struct Refused(StatusCode, String);
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        error(self.0, self.1)
+    }
+}
+
+fn kind(s: &str) -> Result<Kind, Refused> {
     Kind::parse_loose(s).ok_or_else(|| {
-        error(
+        Refused(
             StatusCode::NOT_FOUND,
             format!(
                 "unknown kind {s:?}; known kinds: {}",
@@ -193,7 +202,7 @@ async fn list_all(State(st): State<Shared>) -> Response {
 async fn list_kind(State(st): State<Shared>, Path(k): Path<String>) -> Response {
     let kind = match kind(&k) {
         Ok(k) => k,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     match st.store.list(Some(kind)) {
         Ok(items) => {
@@ -203,7 +212,7 @@ async fn list_kind(State(st): State<Shared>, Path(k): Path<String>) -> Response 
     }
 }
 
-fn key(k: &str, namespace: String, name: String) -> Result<ResourceKey, Response> {
+fn key(k: &str, namespace: String, name: String) -> Result<ResourceKey, Refused> {
     Ok(ResourceKey {
         kind: kind(k)?,
         namespace,
@@ -217,7 +226,7 @@ async fn get_one(
 ) -> Response {
     let key = match key(&k, namespace, name) {
         Ok(k) => k,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     match st.store.get(&key) {
         Ok(Some(item)) => axum::Json(item).into_response(),
@@ -233,7 +242,7 @@ async fn delete_one(
 ) -> Response {
     let key = match key(&k, namespace, name) {
         Ok(k) => k,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let store = st.store.clone();
     let who = actor(&headers);

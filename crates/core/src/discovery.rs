@@ -129,9 +129,14 @@ fn path_has_prefix(path: &str, prefix: &str) -> bool {
 impl RouteTable {
     /// The rule for a request, if any rule matches.
     pub fn select(&self, req: &RequestFacts<'_>) -> Option<&RouteRule> {
+        self.select_index(req).map(|i| &self.rules[i])
+    }
+
+    /// Like [`RouteTable::select`], returning the rule's index.
+    pub fn select_index(&self, req: &RequestFacts<'_>) -> Option<usize> {
         self.rules
             .iter()
-            .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.accepts(req)))
+            .position(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.accepts(req)))
     }
 
     /// Builds the table of `service` from the HTTPRoutes attached to it, ordered by
@@ -181,7 +186,7 @@ impl RouteTable {
             }
         }
         // Stable sort keeps apply order among equals.
-        flat.sort_by(|a, b| b.0.precedence().cmp(&a.0.precedence()));
+        flat.sort_by_key(|b| std::cmp::Reverse(b.0.precedence()));
         RouteTable {
             rules: flat
                 .into_iter()

@@ -32,7 +32,8 @@ pub struct AdminState {
     pub registry: Registry,
     pub ready: Arc<AtomicBool>,
     pub drain: Drain,
-    pub config: serde_json::Value,
+    /// Builds the `/config` document on demand (it includes live discovery state).
+    pub config: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
     pub log_level: Arc<dyn LogLevel>,
 }
 
@@ -117,7 +118,7 @@ async fn route(req: Request<Incoming>, client: SocketAddr, state: &AdminState) -
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET, "/ready") => {
-            if state.drain.is_draining() {
+            if state.drain.is_requested() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
             } else if state.ready.load(Ordering::Acquire) {
                 text(StatusCode::OK, "ready\n")
@@ -144,7 +145,7 @@ async fn route(req: Request<Incoming>, client: SocketAddr, state: &AdminState) -
         (&Method::GET, "/config") => {
             let mut rsp = text(
                 StatusCode::OK,
-                serde_json::to_vec_pretty(&state.config).unwrap_or_default(),
+                serde_json::to_vec_pretty(&(state.config)()).unwrap_or_default(),
             );
             rsp.headers_mut().insert(
                 CONTENT_TYPE,
@@ -183,7 +184,7 @@ async fn route(req: Request<Incoming>, client: SocketAddr, state: &AdminState) -
                 );
             }
             tracing::info!("shutdown requested via admin");
-            state.drain.start();
+            state.drain.request();
             text(StatusCode::ACCEPTED, "draining\n")
         }
         (_, "/live" | "/ready" | "/metrics" | "/config" | "/log-level" | "/shutdown") => {

@@ -9,15 +9,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::net::TcpListener;
+use trellis_core::discovery::InstanceInfo;
 use trellis_core::{Destination, ServiceName};
 
 use crate::access_log::AccessLog;
 use crate::admin::{self, AdminState, LogLevel};
 use crate::config::ProxyConfig;
+use crate::control::ControlClient;
 use crate::drain::Drain;
 use crate::http::client::{ClientSettings, Clients};
+use crate::http::destinations::{DestinationState, Destinations};
 use crate::http::inbound::ForwardToApp;
-use crate::http::outbound::{DestinationState, Destinations, Forward};
+use crate::http::outbound::Forward;
 use crate::http::stack;
 use crate::http::tunnel::TunnelCtx;
 use crate::metrics::{Label, Metrics};
@@ -47,6 +50,8 @@ pub struct Running {
     pub drain: Drain,
     pub metrics: Metrics,
     drain_timeout: std::time::Duration,
+    /// Time between deregistration and closing listeners (control-plane mode only).
+    shutdown_grace: Option<std::time::Duration>,
     admin: admin::AdminHandle,
 }
 
@@ -54,7 +59,15 @@ impl Running {
     /// Waits until drain is requested (admin `/shutdown`, or [`Drain::start`] by a signal
     /// handler), then drains. Returns whether all work finished before the deadline.
     pub async fn wait_and_drain(&self) -> bool {
-        self.drain.signaled().await;
+        self.drain.requested().await;
+        if let Some(grace) = self.shutdown_grace {
+            // The control client deregistered; keep serving while callers learn about it.
+            tracing::info!(
+                ?grace,
+                "deregistered; serving through the shutdown grace period"
+            );
+            tokio::time::sleep(grace).await;
+        }
         tracing::info!(deadline = ?self.drain_timeout, "draining");
         let clean = self.drain.drain(self.drain_timeout).await;
         if clean {
@@ -107,12 +120,16 @@ pub async fn start(
         access_log: access_log.clone(),
         drain: drain.clone(),
     };
-    let destinations = Arc::new(Destinations::new(
+    let dynamic = !config.control.is_empty();
+    let (watch_tx, watch_rx) = tokio::sync::mpsc::unbounded_channel();
+    let destinations = Arc::new(Destinations::with_discovery(
         &config.destinations,
         config.namespace.clone(),
+        dynamic.then_some(watch_tx),
     ));
     let ctx = Arc::new(ServerCtx {
         service: Label::from(config.service.as_str()),
+        default_route: Label::from("default"),
         app: config.app,
         inbound_protocol: config.inbound_protocol,
         limits: ConnLimits {
@@ -149,18 +166,20 @@ pub async fn start(
     let mut bound_upstreams = BTreeMap::new();
     for (name, addr) in &config.upstreams {
         let listener = bind(format!("upstream {name}"), *addr).await?;
-        let dest = destinations.get(name).cloned().unwrap_or_else(|| {
-            // Declared as an upstream but with no destination entry: every call gets a clear
-            // 503 no-endpoints rather than a refused connection.
-            Arc::new(DestinationState::new(
-                name.clone(),
-                Destination {
-                    protocol: Default::default(),
-                    timeout: None,
-                    endpoints: Vec::new(),
-                },
-            ))
-        });
+        let dest = destinations
+            .get_or_discover(name.as_str())
+            .unwrap_or_else(|| {
+                // Declared as an upstream but with no destination entry: every call gets a clear
+                // 503 no-endpoints rather than a refused connection.
+                Arc::new(DestinationState::new(
+                    name.clone(),
+                    Destination {
+                        protocol: Default::default(),
+                        timeout: None,
+                        endpoints: Vec::new(),
+                    },
+                ))
+            });
         bound_upstreams.insert(name.clone(), local_addr(&listener, *addr));
         upstream_listeners.push((listener, dest));
     }
@@ -172,18 +191,36 @@ pub async fn start(
     };
 
     let ready = Arc::new(AtomicBool::new(false));
-    let config_json = serde_json::json!({
-        "config": &config,
-        "listening": &bound,
-        "identity": null,
-    });
+    let mesh_config = Arc::new(std::sync::Mutex::new(None));
+    let control_connected = prometheus_client::metrics::gauge::Gauge::default();
+    registry.register(
+        "trellis_control_connected",
+        "1 while a control-plane session is open",
+        control_connected.clone(),
+    );
+    let describe = {
+        let (destinations, mesh_config) = (destinations.clone(), mesh_config.clone());
+        let (static_config, bound) = (
+            serde_json::to_value(&config).unwrap_or_default(),
+            bound.clone(),
+        );
+        Arc::new(move || {
+            serde_json::json!({
+                "config": static_config,
+                "listening": bound,
+                "destinations": destinations.describe(),
+                "meshConfig": mesh_config.lock().ok().and_then(|m| serde_json::to_value(&*m).ok()),
+                "identity": null,
+            })
+        })
+    };
     let admin = admin::spawn(
         admin_listener,
         AdminState {
             registry,
             ready: ready.clone(),
             drain: drain.clone(),
-            config: config_json,
+            config: describe,
             log_level,
         },
     )
@@ -192,6 +229,43 @@ pub async fn start(
         addr: bound.admin,
         source,
     })?;
+
+    if dynamic {
+        let advertise = config.advertise.unwrap_or_else(|| {
+            // A wildcard bind is not dialable: advertise loopback with the bound port. Set
+            // --advertise on hosts that other machines must reach.
+            let mut a = bound.inbound;
+            if a.ip().is_unspecified() {
+                a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            a
+        });
+        let client = ControlClient {
+            addresses: config.control.clone(),
+            instance: InstanceInfo {
+                service: config.service.clone(),
+                namespace: config.namespace.clone(),
+                instance_id: config.instance.clone(),
+                address: advertise,
+                zone: config.zone.clone().unwrap_or_default(),
+                labels: config.labels.clone(),
+            },
+            destinations: destinations.clone(),
+            watch_requests: watch_rx,
+            pinned: config.upstreams.keys().cloned().collect(),
+            ready: ready.clone(),
+            connected: control_connected,
+            mesh_config,
+            drain: drain.clone(),
+        };
+        client.spawn().map_err(|source| BindError {
+            what: "control client".into(),
+            addr: bound.admin,
+            source,
+        })?;
+    } else {
+        drop(watch_rx);
+    }
 
     tokio::spawn(server::serve(outbound, ListenerKind::Outbound, ctx.clone()));
     tokio::spawn(server::serve(inbound, ListenerKind::Inbound, ctx.clone()));
@@ -202,8 +276,11 @@ pub async fn start(
             ctx.clone(),
         ));
     }
-    // Static mode: the config is complete as soon as the listeners are up.
-    ready.store(true, Ordering::Release);
+    if !dynamic {
+        // Static mode: the config is complete as soon as the listeners are up. With a control
+        // plane, the control client sets readiness when the first config arrives.
+        ready.store(true, Ordering::Release);
+    }
     tracing::info!(
         service = %config.service,
         outbound = %bound.outbound,
@@ -222,6 +299,7 @@ pub async fn start(
         drain,
         metrics,
         drain_timeout: config.drain_timeout,
+        shutdown_grace: dynamic.then_some(config.shutdown_grace),
         admin,
     })
 }

@@ -42,6 +42,13 @@ pub struct Args {
     /// A local port forwarding anything (HTTP, gRPC, TCP) to service NAME: NAME=ADDR. Repeatable.
     #[arg(long = "upstream", env = "TRELLIS_UPSTREAM", value_delimiter = ',')]
     pub upstreams: Vec<String>,
+    /// Control plane gRPC address(es), comma separated: destinations are discovered from it.
+    #[arg(long, env = "TRELLIS_CONTROL", value_delimiter = ',')]
+    pub control: Vec<String>,
+    /// With --control: how long to keep serving after deregistering on shutdown, so callers
+    /// learn about it before the listeners close.
+    #[arg(long, env = "TRELLIS_SHUTDOWN_GRACE", default_value = "1s")]
+    pub shutdown_grace: String,
     /// Static mode: destinations, endpoints and protocol hints from a YAML/JSON file.
     #[arg(long, env = "TRELLIS_CONFIG")]
     pub config: Option<PathBuf>,
@@ -110,6 +117,10 @@ pub struct ProxyConfig {
     pub inbound_protocol: ProtocolHint,
     pub destinations: BTreeMap<ServiceName, Destination>,
     pub config_file: Option<PathBuf>,
+    /// Control plane addresses (empty: static mode).
+    pub control: Vec<String>,
+    #[serde(with = "duration_str")]
+    pub shutdown_grace: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
     pub access_log: AccessLogTarget,
@@ -292,6 +303,13 @@ impl ProxyConfig {
             inbound_protocol,
             destinations,
             config_file: args.config,
+            control: args
+                .control
+                .iter()
+                .map(|a| a.trim().to_owned())
+                .filter(|a| !a.is_empty())
+                .collect(),
+            shutdown_grace: flag("shutdown-grace", parse_duration(&args.shutdown_grace))?,
             log_format,
             log_level: args.log_level,
             access_log: flag("access-log", args.access_log.parse())?,

@@ -11,8 +11,13 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 
 /// Cheap to clone; every clone observes the same drain.
+///
+/// Two phases: [`Drain::request`] (shutdown asked for: readiness fails, the control client
+/// deregisters, listeners still accept) and [`Drain::start`] (listeners close, connections
+/// finish).
 #[derive(Clone, Default)]
 pub struct Drain {
+    requested: CancellationToken,
     token: CancellationToken,
     tracker: TaskTracker,
 }
@@ -20,6 +25,20 @@ pub struct Drain {
 impl Drain {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Asks for shutdown (idempotent): the owner of the process then drains.
+    pub fn request(&self) {
+        self.requested.cancel();
+    }
+
+    pub fn is_requested(&self) -> bool {
+        self.requested.is_cancelled()
+    }
+
+    /// Completes when shutdown was requested.
+    pub fn requested(&self) -> WaitForCancellationFutureOwned {
+        self.requested.clone().cancelled_owned()
     }
 
     /// Completes when draining starts.
@@ -33,6 +52,7 @@ impl Drain {
 
     /// Starts draining (idempotent). Does not wait.
     pub fn start(&self) {
+        self.requested.cancel();
         self.token.cancel();
     }
 

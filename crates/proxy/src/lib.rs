@@ -11,6 +11,7 @@ pub mod admin;
 pub mod app;
 pub mod body;
 pub mod config;
+pub mod control;
 pub mod detect;
 pub mod drain;
 pub mod error;

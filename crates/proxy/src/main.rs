@@ -47,7 +47,7 @@ fn main() -> ExitCode {
         let drain = running.drain.clone();
         tokio::spawn(async move {
             wait_for_signal().await;
-            drain.start();
+            drain.request();
         });
         running.wait_and_drain().await;
         ExitCode::SUCCESS

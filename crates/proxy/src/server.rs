@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tower::ServiceExt;
 use trellis_core::ProtocolHint;
+use trellis_core::discovery::{Headers, RequestFacts};
 
 use crate::access_log::AccessLog;
 use crate::body;
@@ -21,8 +22,9 @@ use crate::detect::{self, DetectReason, Detected, Protocol};
 use crate::drain::Drain;
 use crate::head::{HeadCheck, check_request_head};
 use crate::http::client::{self, Clients};
+use crate::http::destinations::{DestinationState, Destinations, Target, choose_backend};
 use crate::http::headers;
-use crate::http::outbound::{DestinationState, Destinations, Target, open_tcp};
+use crate::http::outbound::{Backend, DISCOVERY_TIMEOUT, open_tcp};
 use crate::http::stack::HttpStack;
 use crate::http::{Direction, RequestMeta};
 use crate::io::PrefixedIo;
@@ -78,6 +80,8 @@ impl ListenerKind {
 /// Everything connection handlers share.
 pub struct ServerCtx {
     pub service: Label,
+    /// The `route` label of requests no route matched.
+    pub default_route: Label,
     pub app: SocketAddr,
     pub inbound_protocol: ProtocolHint,
     pub limits: ConnLimits,
@@ -142,7 +146,7 @@ async fn handle(
     let _open = OpenConn(gauge);
 
     let declared_opaque = match &kind {
-        ListenerKind::Upstream(d) => d.config.protocol.is_opaque(),
+        ListenerKind::Upstream(d) => d.snapshot().protocol.is_opaque(),
         ListenerKind::Inbound => ctx.inbound_protocol.is_opaque(),
         ListenerKind::Outbound => false,
     };
@@ -228,14 +232,25 @@ async fn read_first_head(
     }
 }
 
-/// Annotates a request with what the stacks need: metadata, routing target, deadline.
-fn prepare(
+/// Header lookup for route matching.
+struct RequestHeaders<'a>(&'a http::HeaderMap);
+
+impl Headers for RequestHeaders<'_> {
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// Annotates a request with what the stacks need: metadata, routing target, the route's
+/// backend and deadline. Waits (bounded) for a newly discovered destination's first update.
+async fn prepare(
     req: Request<Incoming>,
     client: SocketAddr,
     kind: &ListenerKind,
     ctx: &ServerCtx,
 ) -> Request<body::Body> {
     let mut req = req.map(body::boxed);
+    let mut route = None;
     let (src, dst) = match kind {
         ListenerKind::Inbound => (Label::from(UNKNOWN), ctx.service.clone()),
         ListenerKind::Outbound | ListenerKind::Upstream(_) => {
@@ -244,10 +259,29 @@ fn prepare(
                 _ => ctx.destinations.resolve(headers::authority(&req)),
             };
             let dst = target.label();
-            if let Target::Known(d) = &target
-                && let Some(t) = d.config.timeout
-            {
-                req.extensions_mut().insert(RequestTimeout(t));
+            if let Target::Known(d) = &target {
+                let snap = d.known(DISCOVERY_TIMEOUT).await;
+                let mut timeout = snap.timeout;
+                let facts = RequestFacts {
+                    method: req.method().as_str(),
+                    path: req.uri().path(),
+                    query: req.uri().query(),
+                    headers: &RequestHeaders(req.headers()),
+                };
+                if let Some(i) = snap.routes.select_index(&facts) {
+                    let rule = &snap.routes.rules[i];
+                    route = snap.route_labels.get(i).cloned();
+                    timeout = rule.request_timeout.or(timeout);
+                    let backend = choose_backend(rule)
+                        .filter(|b| *b != &d.name)
+                        .and_then(|b| ctx.destinations.get_or_discover(b.as_str()));
+                    if let Some(b) = backend {
+                        req.extensions_mut().insert(Backend(b));
+                    }
+                }
+                if let Some(t) = timeout {
+                    req.extensions_mut().insert(RequestTimeout(t));
+                }
             }
             req.extensions_mut().insert(target);
             (ctx.service.clone(), dst)
@@ -258,7 +292,7 @@ fn prepare(
         client,
         src,
         dst,
-        route: Label::from("default"),
+        route: route.unwrap_or_else(|| ctx.default_route.clone()),
     });
     req
 }
@@ -275,11 +309,18 @@ async fn serve_http(
         _ => ctx.outbound.clone(),
     };
     let svc_ctx = ctx.clone();
+    let kind = Arc::new(kind);
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let req = prepare(req, client, &kind, &svc_ctx);
+        let (stack, kind, ctx) = (stack.clone(), kind.clone(), svc_ctx.clone());
         // Boxed as a plain `dyn Future + Send` so the connection future's Send-ness does not
         // depend on the stack's type (and compile errors stay readable).
-        let fut: ResponseFuture = Box::pin(stack.clone().oneshot(req));
+        let fut: ResponseFuture = Box::pin(async move {
+            let req = prepare(req, client, &kind, &ctx).await;
+            // Boxed before awaiting: awaiting the stack's concrete future inside this block
+            // trips rustc's higher-ranked Send check (rust-lang/rust#110338).
+            let respond: ResponseFuture = Box::pin(stack.oneshot(req));
+            respond.await
+        });
         fut
     });
     let io = TokioIo::new(io);
@@ -347,11 +388,12 @@ async fn forward_tcp(
                 src: ctx.service.clone(),
                 dst: dest.label.clone(),
             };
+            dest.known(DISCOVERY_TIMEOUT).await;
             let upstream = match dest.pick() {
                 Ok(ep) => {
                     open_tcp(
                         &ctx.clients,
-                        ep,
+                        &ep,
                         &format!("{}:{}", dest.name, ep.address.port()),
                     )
                     .await

@@ -2,6 +2,7 @@
 //! carry HTTP/1 across the mesh's HTTP/2 transport.
 
 pub mod client;
+pub mod destinations;
 pub mod headers;
 pub mod inbound;
 pub mod outbound;

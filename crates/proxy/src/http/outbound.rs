@@ -2,26 +2,26 @@
 //!
 //! A request names its destination service either by the listener it arrived on (an
 //! `--upstream` port) or by its authority (`http://payments/x` or `Host: payments`, as sent
-//! through `HTTP_PROXY`). [`Destinations::resolve`] maps that to a configured service; the
+//! through `HTTP_PROXY`). [`Destinations::resolve`](crate::http::destinations::Destinations::resolve) maps that to a service; the
 //! [`Forward`] service then picks an endpoint and sends the request: over the shared HTTP/2
 //! connection to a peer proxy (HTTP/1 marked for restoration on the far side), or directly to a
 //! plain server in the app's own protocol.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Uri, Version};
 use tower::Service;
-use trellis_core::{Destination, Endpoint, Namespace, ProtocolHint, ServiceName};
+use trellis_core::{Endpoint, ProtocolHint};
 
 use crate::body::{self, Body};
 use crate::error::ProxyError;
 use crate::http::client::{self, Clients};
+use crate::http::destinations::{DestinationState, Target};
 use crate::http::headers::{self, ORIG_PROTO, ORIG_PROTO_HTTP1};
 use crate::http::tunnel::{self, TunnelCtx};
 use crate::http::{Direction, RequestMeta};
@@ -29,122 +29,12 @@ use crate::layers::{HttpRequest, HttpResponse};
 use crate::metrics::Label;
 use crate::tcp::{BoxedIo, TcpFlow};
 
-/// A configured destination with its endpoint rotation.
-#[derive(Debug)]
-pub struct DestinationState {
-    pub name: ServiceName,
-    pub label: Label,
-    pub config: Destination,
-    next: AtomicUsize,
-}
-
-impl DestinationState {
-    pub fn new(name: ServiceName, config: Destination) -> Self {
-        Self {
-            label: Label::from(name.as_str()),
-            name,
-            config,
-            next: AtomicUsize::new(0),
-        }
-    }
-
-    /// Round-robin over endpoints (latency-aware balancing arrives with the reliability work).
-    pub fn pick(&self) -> Result<&Endpoint, ProxyError> {
-        let n = self.config.endpoints.len();
-        if n == 0 {
-            return Err(ProxyError::NoEndpoints {
-                service: self.name.to_string(),
-            });
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        Ok(&self.config.endpoints[i])
-    }
-}
-
-/// What a request or connection is addressed to.
+/// Extension: the backend service a route chose (absent: the destination itself).
 #[derive(Debug, Clone)]
-pub enum Target {
-    Known(Arc<DestinationState>),
-    /// An authority that names no configured service (kept for the error message).
-    Unknown(String),
-    /// No authority at all.
-    Missing,
-}
+pub struct Backend(pub Arc<DestinationState>);
 
-impl Target {
-    pub fn label(&self) -> Label {
-        match self {
-            Target::Known(d) => d.label.clone(),
-            Target::Unknown(_) | Target::Missing => Label::from(crate::metrics::UNKNOWN),
-        }
-    }
-
-    pub fn destination(&self) -> Result<&Arc<DestinationState>, ProxyError> {
-        match self {
-            Target::Known(d) => Ok(d),
-            Target::Unknown(authority) => Err(ProxyError::UnknownService {
-                authority: authority.clone(),
-            }),
-            Target::Missing => Err(ProxyError::MissingAuthority),
-        }
-    }
-}
-
-/// All destinations this proxy knows, by name.
-#[derive(Debug, Default)]
-pub struct Destinations {
-    by_name: BTreeMap<ServiceName, Arc<DestinationState>>,
-    namespace: Namespace,
-}
-
-impl Destinations {
-    pub fn new(config: &BTreeMap<ServiceName, Destination>, namespace: Namespace) -> Self {
-        let by_name = config
-            .iter()
-            .map(|(name, dest)| {
-                let state = DestinationState::new(name.clone(), dest.clone());
-                (name.clone(), Arc::new(state))
-            })
-            .collect();
-        Self { by_name, namespace }
-    }
-
-    pub fn get(&self, name: &ServiceName) -> Option<&Arc<DestinationState>> {
-        self.by_name.get(name)
-    }
-
-    /// Maps an authority to a service. Accepted host forms: `name`, `name.<namespace>` and
-    /// `name.<namespace>.svc.cluster.local`, each with an optional port.
-    pub fn resolve(&self, authority: Option<&str>) -> Target {
-        let Some(authority) = authority else {
-            return Target::Missing;
-        };
-        let host = strip_port(authority);
-        let host = host.strip_suffix(".svc.cluster.local").unwrap_or(host);
-        let name = match host.split_once('.') {
-            None => host,
-            Some((name, ns)) if ns.eq_ignore_ascii_case(self.namespace.as_str()) => name,
-            Some(_) => return Target::Unknown(authority.to_owned()),
-        };
-        let found = if name.bytes().any(|b| b.is_ascii_uppercase()) {
-            self.by_name.get(name.to_ascii_lowercase().as_str())
-        } else {
-            self.by_name.get(name)
-        };
-        match found {
-            Some(d) => Target::Known(d.clone()),
-            None => Target::Unknown(authority.to_owned()),
-        }
-    }
-}
-
-fn strip_port(authority: &str) -> &str {
-    // `[v6]:port`, `host:port` or `host`.
-    if let Some(rest) = authority.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or(rest);
-    }
-    authority.rsplit_once(':').map_or(authority, |(h, _)| h)
-}
+/// How long a request waits for the first answer about a newly discovered service.
+pub const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Sends a routed outbound request to one endpoint of its destination.
 #[derive(Clone)]
@@ -181,7 +71,17 @@ impl Forward {
             .remove::<Target>()
             .unwrap_or(Target::Missing);
         let dest = target.destination()?.clone();
-        let endpoint = dest.pick()?.clone();
+        let backend = req
+            .extensions_mut()
+            .remove::<Backend>()
+            .map_or_else(|| dest.clone(), |b| b.0);
+        let snapshot = backend.known(DISCOVERY_TIMEOUT).await;
+        if snapshot.known && !snapshot.exists {
+            return Err(ProxyError::UnknownService {
+                authority: backend.name.to_string(),
+            });
+        }
+        let endpoint = backend.pick()?;
         let meta = req.extensions().get::<RequestMeta>().cloned();
 
         if req.method() == Method::CONNECT {
@@ -210,10 +110,7 @@ impl Forward {
         }
 
         let wants_h2 = req.version() == Version::HTTP_2
-            || matches!(
-                dest.config.protocol,
-                ProtocolHint::Http2 | ProtocolHint::Grpc
-            );
+            || matches!(snapshot.protocol, ProtocolHint::Http2 | ProtocolHint::Grpc);
         let mut rsp = if endpoint.meshed {
             prepare_for_mesh(&mut req)?;
             self.clients.h2.send(endpoint.address, req).await?
@@ -300,77 +197,6 @@ pub fn restore_http1(req: &mut Request<Body>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
-
-    fn dests() -> Destinations {
-        let mut cfg = BTreeMap::new();
-        cfg.insert(
-            ServiceName::new("payments").expect("name"),
-            Destination {
-                protocol: ProtocolHint::Detect,
-                timeout: Some(Duration::from_secs(1)),
-                endpoints: vec![
-                    Endpoint {
-                        address: "127.0.0.1:1".parse().expect("a"),
-                        meshed: true,
-                    },
-                    Endpoint {
-                        address: "127.0.0.1:2".parse().expect("a"),
-                        meshed: false,
-                    },
-                ],
-            },
-        );
-        cfg.insert(
-            ServiceName::new("empty").expect("name"),
-            Destination {
-                protocol: ProtocolHint::Tcp,
-                timeout: None,
-                endpoints: vec![],
-            },
-        );
-        Destinations::new(&cfg, Namespace::new("shop").expect("ns"))
-    }
-
-    #[test]
-    fn resolves_host_forms() {
-        let d = dests();
-        for authority in [
-            "payments",
-            "payments:8080",
-            "PAYMENTS",
-            "payments.shop",
-            "payments.shop:80",
-            "payments.shop.svc.cluster.local",
-        ] {
-            assert!(
-                matches!(d.resolve(Some(authority)), Target::Known(_)),
-                "{authority}"
-            );
-        }
-        for authority in ["payments.other", "example.com", "[::1]:80", "pay"] {
-            assert!(
-                matches!(d.resolve(Some(authority)), Target::Unknown(_)),
-                "{authority}"
-            );
-        }
-        assert!(matches!(d.resolve(None), Target::Missing));
-    }
-
-    #[test]
-    fn round_robins_and_reports_empty() {
-        let d = dests();
-        let Target::Known(p) = d.resolve(Some("payments")) else {
-            panic!("known")
-        };
-        let a = p.pick().expect("ep").address;
-        let b = p.pick().expect("ep").address;
-        assert_ne!(a, b);
-        let Target::Known(e) = d.resolve(Some("empty")) else {
-            panic!("known")
-        };
-        assert_eq!(e.pick().expect_err("none").reason(), "no-endpoints");
-    }
 
     #[test]
     fn mesh_preparation_round_trips_http1() {
