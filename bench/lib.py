@@ -8,6 +8,7 @@ Subcommands:
   rss PID..                       print the summed VmRSS of PIDs in kB
   rss-sample OUT PID..            sample summed VmRSS every 100 ms until killed,
                                   keep the max (kB) in OUT
+  busy-monitor OUT                until killed, record compilers seen running
   keepalive URL N                 send N GETs over one keep-alive connection;
                                   prints "ok=.. bad=.. reconnects=.."
   oha-summary FILE                one-line summary of an oha JSON result
@@ -107,6 +108,42 @@ def rss_sample(out, pids):
             f.write(str(best))
         os.replace(out + ".tmp", out)
         time.sleep(0.1)
+
+
+BUSY_NAMES = {"cargo", "rustc", "cc1", "cc1plus", "ld", "ld.lld", "mold", "clippy-driver"}
+
+
+def busy_monitor(out):
+    """Until SIGTERM: every 0.5 s note which compilers/builds run; write a
+    summary like "rustc (seen 12/40 samples), cargo (...)" to OUT if any."""
+    stop = False
+
+    def on_term(*_):
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    seen, samples = {}, 0
+    deadline = time.monotonic() + 3600
+    while not stop and time.monotonic() < deadline:
+        samples += 1
+        names = set()
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    with open(f"/proc/{d}/comm") as f:
+                        c = f.read().strip()
+                except OSError:
+                    continue
+                if c in BUSY_NAMES:
+                    names.add(c)
+        for c in names:
+            seen[c] = seen.get(c, 0) + 1
+        if seen:
+            with open(out, "w") as f:
+                f.write(", ".join(f"{c} (in {k} of {samples} samples)" for c, k in sorted(seen.items())))
+        time.sleep(0.5)
 
 
 def keepalive(url, n):
@@ -397,6 +434,9 @@ def main(argv):
         return 0
     if cmd == "rss-sample":
         rss_sample(args[0], [int(p) for p in args[1:]])
+        return 0
+    if cmd == "busy-monitor":
+        busy_monitor(args[0])
         return 0
     if cmd == "keepalive":
         return keepalive(args[0], int(args[1]))

@@ -457,12 +457,21 @@ wait_idle() {
     said=1; sleep 2
   done
 }
-busy_check() { # busy_check WHAT
-  local b
-  b=$(busy_procs)
-  if [[ -n $b ]]; then
-    log "WARNING: machine busy during $1: $b"
-    printf '%s: other CPU-heavy processes were running (%s); numbers are noisy\n' "$1" "$b" >>"$REC/busy"
+# busy_start / busy_stop WHAT: watch for compilers running during a measurement
+# (they make the numbers noise) and record them for the report's notes.
+BUSY_PID=
+busy_start() {
+  rm -f "$WORK/busy.now"
+  start_bg /dev/null "${LIB[@]}" busy-monitor "$WORK/busy.now"
+  BUSY_PID=$LAST_PID
+}
+busy_stop() {
+  [[ -n $BUSY_PID ]] && stop_pids "$BUSY_PID"
+  BUSY_PID=
+  if [[ -s $WORK/busy.now ]]; then
+    log "WARNING: machine busy during $1: $(cat "$WORK/busy.now")"
+    printf '%s: other CPU-heavy processes ran during the measurement: %s; these numbers are noisy\n' \
+      "$1" "$(cat "$WORK/busy.now")" >>"$REC/busy"
   fi
 }
 
@@ -470,12 +479,13 @@ visit() { # visit TARGET ROUND
   local t=$1 r=$2 dir=$REC/$1/round$2
   mkdir -p "$dir"
   wait_idle
-  busy_check "$t round $r"
+  busy_start
   CMDLOG=/dev/null
   [[ $r == 1 ]] && CMDLOG=$WORK/cmds/$t.txt
   if ! start_target "$t" "$PROXY_THREADS"; then
     log "$t: FAILED to start: $FAIL_MSG"
     printf 'round %s: failed to start: %s\n' "$r" "$FAIL_MSG" >>"$REC/$t/failed"
+    busy_stop "$t round $r"
     stop_target "$t"
     return 0
   fi
@@ -498,7 +508,7 @@ visit() { # visit TARGET ROUND
   for p in "${TARGET_PIDS[@]}"; do
     kill -0 "$p" 2>/dev/null || printf 'round %s: process %s died during the run\n' "$r" "$p" >>"$REC/$t/failed"
   done
-  busy_check "$t round $r (end)"
+  busy_stop "$t round $r"
   stop_target "$t"
 }
 
@@ -601,7 +611,7 @@ write_header() {
     for f in "$WORK"/cmds/*.txt; do
       [[ -e $f ]] || continue
       echo "# $(basename "$f" .txt) (ports are picked free per run)"
-      sed -e "s#$WORK/#\$WORK/#g" -e "s#$ROOT/##g" "$f"
+      cat "$f"
     done
     echo '```'
     local cfg pat
@@ -616,7 +626,7 @@ write_header() {
       echo '```'
       echo "</details>"
     done
-  } >"$h"
+  } | sed -e "s#$WORK/#\$WORK/#g" -e "s#$ROOT/##g" >"$h"
 }
 
 # ------------------------------------------------------------------- main ----

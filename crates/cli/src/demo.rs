@@ -17,7 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub(crate) struct DemoArgs {
     /// Requests the frontend sends to the backend.
     #[arg(long, default_value_t = 200)]

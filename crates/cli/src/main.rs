@@ -1,55 +1,204 @@
-//! `trellis`: the operator CLI and local mesh runner.
-//!
-//! Today: `trellis demo` (two services on loopback talking through two real proxies) and
-//! `trellis version`. The control plane (`trellis control`), `up`, `apply`/`get` arrive with the
-//! control plane work.
+//! `trellis`: the control plane (`trellis control`), the operator CLI (`apply`, `get`,
+//! `delete`) and the local mesh runner (`demo`).
+//! Exit codes: 0 ok, 1 runtime failure, 2 usage error, 64 invalid configuration.
 
+mod client;
 mod demo;
+mod resources;
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(name = "trellis", version, about = "Trellis service mesh")]
 struct Cli {
+    /// Control plane HTTP API (default: the context written by `trellis up`/`demo`, else
+    /// http://127.0.0.1:7441).
+    #[arg(long, global = true, env = "TRELLIS_CONTROL_HTTP")]
+    control_http: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Runs the control plane.
+    Control(ControlArgs),
+    /// Applies resources from a YAML/JSON file (`-f -` reads stdin). All or nothing.
+    Apply {
+        #[arg(short = 'f', long = "filename")]
+        file: String,
+        /// Validate and show what would change, without changing anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Lists resources (`services`, `instances`, `routes`, `audit`, or any kind).
+    Get {
+        what: String,
+        name: Option<String>,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: resources::Output,
+    },
+    /// Deletes one resource.
+    Delete {
+        kind: String,
+        name: String,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+    },
     /// Runs a local demo mesh: two services, each with its own trellis-proxy, on loopback.
     Demo(demo::DemoArgs),
     /// Prints the version.
     Version,
 }
 
+#[derive(clap::Args)]
+struct ControlArgs {
+    /// gRPC API for proxies.
+    #[arg(long, env = "TRELLIS_GRPC", default_value = "127.0.0.1:7440")]
+    grpc: String,
+    /// HTTP JSON API (`/api/v1/...`) and `/metrics`.
+    #[arg(long, env = "TRELLIS_HTTP", default_value = "127.0.0.1:7441")]
+    http: String,
+    /// Embedded store and control-plane state.
+    #[arg(long, env = "TRELLIS_DATA_DIR", default_value = "./trellis-data")]
+    data_dir: std::path::PathBuf,
+    /// SPIFFE trust domain.
+    #[arg(long, env = "TRELLIS_TRUST_DOMAIN", default_value = "trellis.local")]
+    trust_domain: String,
+    /// An instance whose proxy sends nothing for this long leaves the registry.
+    #[arg(long, env = "TRELLIS_HEARTBEAT_TTL", default_value = "10s")]
+    heartbeat_ttl: String,
+    /// Log filter.
+    #[arg(long, env = "TRELLIS_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("trellis: cannot start runtime: {e}");
+            ExitCode::from(1)
+        })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let api = || client::ApiClient::new(client::resolve_base(cli.control_http.clone()));
+    let result = match &cli.command {
         Command::Version => {
             println!("trellis {}", env!("CARGO_PKG_VERSION"));
-            ExitCode::SUCCESS
+            return ExitCode::SUCCESS;
         }
+        Command::Control(args) => return rt.block_on(run_control(args)),
         Command::Demo(args) => {
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("trellis: cannot start runtime: {e}");
-                    return ExitCode::from(1);
-                }
-            };
-            match runtime.block_on(demo::run(args)) {
+            return match rt.block_on(demo::run(args.clone())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("trellis demo: {e}");
                     ExitCode::from(1)
                 }
-            }
+            };
+        }
+        Command::Apply { file, dry_run } => rt.block_on(resources::apply(&api(), file, *dry_run)),
+        Command::Get {
+            what,
+            name,
+            namespace,
+            output,
+        } => rt.block_on(resources::get(
+            &api(),
+            what,
+            name.as_deref(),
+            namespace,
+            *output,
+        )),
+        Command::Delete {
+            kind,
+            name,
+            namespace,
+        } => rt.block_on(resources::delete(&api(), kind, name, namespace)),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("trellis: {e}");
+            ExitCode::from(1)
         }
     }
+}
+
+async fn run_control(args: &ControlArgs) -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level);
+    let Ok(filter) = filter else {
+        eprintln!(
+            "trellis control: invalid configuration: --log-level {:?}",
+            args.log_level
+        );
+        return ExitCode::from(64);
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+    let addr = |flag: &str, v: &str| {
+        v.parse().map_err(|_| {
+            eprintln!("trellis control: invalid configuration: --{flag}: {v:?} is not IP:PORT");
+            ExitCode::from(64)
+        })
+    };
+    let (grpc_addr, http_addr) = match (addr("grpc", &args.grpc), addr("http", &args.http)) {
+        (Ok(g), Ok(h)) => (g, h),
+        (Err(c), _) | (_, Err(c)) => return c,
+    };
+    let heartbeat_ttl = match trellis_core::duration::parse_duration(&args.heartbeat_ttl) {
+        Ok(d) if d >= Duration::from_millis(300) => d,
+        _ => {
+            eprintln!(
+                "trellis control: invalid configuration: --heartbeat-ttl: must be a duration of at least 300ms"
+            );
+            return ExitCode::from(64);
+        }
+    };
+    let config = trellis_control::ControlConfig {
+        grpc_addr,
+        http_addr,
+        data_dir: args.data_dir.clone(),
+        trust_domain: args.trust_domain.clone(),
+        heartbeat_ttl,
+    };
+    let running = match trellis_control::start(config).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("trellis control: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => running.stopped().await,
+    }
+    tracing::info!("control plane stopping");
+    running.shutdown();
+    ExitCode::SUCCESS
 }

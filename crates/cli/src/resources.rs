@@ -1,0 +1,350 @@
+//! `trellis apply`, `get`, `delete`: resources and registry views through the HTTP API.
+
+use std::io::Read;
+use std::process::ExitCode;
+
+use http::Method;
+use serde_json::Value;
+use trellis_core::resources::Kind;
+
+use crate::client::{ApiClient, ClientError};
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Output {
+    Table,
+    Yaml,
+    Json,
+}
+
+fn print_errors(v: &Value) {
+    for e in v["errors"].as_array().into_iter().flatten() {
+        let mut line = String::from("error: ");
+        if let Some(d) = e["document"].as_u64() {
+            line.push_str(&format!("document {d}"));
+            if let Some(r) = e["resource"].as_str() {
+                line.push_str(&format!(" ({r})"));
+            }
+            line.push_str(": ");
+        }
+        if let Some(p) = e["path"].as_str() {
+            line.push_str(&format!("{p}: "));
+        }
+        line.push_str(e["reason"].as_str().unwrap_or("rejected"));
+        eprintln!("{line}");
+    }
+}
+
+pub(crate) async fn apply(
+    api: &ApiClient,
+    file: &str,
+    dry_run: bool,
+) -> Result<ExitCode, ClientError> {
+    let text = if file == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| ClientError::Other(format!("stdin: {e}")))?;
+        s
+    } else {
+        std::fs::read_to_string(file).map_err(|e| ClientError::Other(format!("{file}: {e}")))?
+    };
+    let path = format!("/api/v1/apply?dryRun={dry_run}");
+    let (status, body) = api.call(Method::POST, &path, Some(text)).await?;
+    if status != 200 {
+        print_errors(&body);
+        eprintln!("nothing was applied");
+        return Ok(ExitCode::from(64));
+    }
+    for w in body["warnings"].as_array().into_iter().flatten() {
+        eprintln!(
+            "warning: {}: {}: {}",
+            w["resource"].as_str().unwrap_or(""),
+            w["path"].as_str().unwrap_or(""),
+            w["message"].as_str().unwrap_or("")
+        );
+    }
+    let suffix = if dry_run { " (dry run)" } else { "" };
+    for r in body["results"].as_array().into_iter().flatten() {
+        println!(
+            "{} {}{suffix}",
+            r["resource"].as_str().unwrap_or("?"),
+            r["action"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn render(value: &Value, output: Output) -> String {
+    match output {
+        Output::Json => serde_json::to_string_pretty(value).unwrap_or_default(),
+        _ => serde_saphyr::to_string(value).unwrap_or_default(),
+    }
+}
+
+/// Column-aligned table.
+fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect::<Vec<_>>()
+            .join("   ")
+            .trim_end()
+            .to_owned()
+    };
+    let mut out = vec![line(headers.iter().map(|h| h.to_string()).collect())];
+    out.extend(rows.into_iter().map(line));
+    out.join("\n")
+}
+
+fn summary(kind: &str, spec: &Value) -> String {
+    match kind {
+        "HTTPRoute" | "GRPCRoute" => {
+            let parents: Vec<&str> = spec["parentRefs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p["name"].as_str())
+                .collect();
+            let backends: Vec<String> = spec["rules"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|r| r["backendRefs"].as_array().into_iter().flatten())
+                .map(|b| {
+                    format!(
+                        "{}={}",
+                        b["name"].as_str().unwrap_or("?"),
+                        b["weight"].as_i64().unwrap_or(1)
+                    )
+                })
+                .collect();
+            format!(
+                "parents={} backends={}",
+                parents.join(","),
+                backends.join(",")
+            )
+        }
+        "Service" => {
+            let ports: Vec<String> = spec["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| {
+                    format!(
+                        "{}/{}",
+                        p["port"],
+                        p["appProtocol"].as_str().unwrap_or("http")
+                    )
+                })
+                .collect();
+            format!("ports={}", ports.join(","))
+        }
+        _ => spec
+            .get("targetRef")
+            .and_then(|t| t["name"].as_str())
+            .map(|t| format!("target={t}"))
+            .unwrap_or_default(),
+    }
+}
+
+pub(crate) async fn get(
+    api: &ApiClient,
+    what: &str,
+    name: Option<&str>,
+    namespace: &str,
+    output: Output,
+) -> Result<ExitCode, ClientError> {
+    match what.to_ascii_lowercase().as_str() {
+        "services" | "service" | "svc" | "instances" | "instance" => {
+            let (_, body) = api.call(Method::GET, "/api/v1/services", None).await?;
+            if output != Output::Table {
+                println!("{}", render(&body, output));
+                return Ok(ExitCode::SUCCESS);
+            }
+            let items = body["items"].as_array().cloned().unwrap_or_default();
+            if what.starts_with("inst") {
+                let rows = items
+                    .iter()
+                    .flat_map(|s| {
+                        let svc = s["name"].as_str().unwrap_or("").to_owned();
+                        s["instances"]
+                            .as_array()
+                            .cloned()
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(move |i| {
+                                vec![
+                                    svc.clone(),
+                                    i["instance_id"].as_str().unwrap_or("").to_owned(),
+                                    i["address"].as_str().unwrap_or("").to_owned(),
+                                    i["zone"].as_str().unwrap_or("").to_owned(),
+                                ]
+                            })
+                    })
+                    .filter(|r| name.is_none_or(|n| r[0] == n))
+                    .collect();
+                println!(
+                    "{}",
+                    table(&["SERVICE", "INSTANCE", "ADDRESS", "ZONE"], rows)
+                );
+            } else {
+                let rows = items
+                    .iter()
+                    .filter(|s| name.is_none_or(|n| s["name"].as_str() == Some(n)))
+                    .map(|s| {
+                        let instances = s["instances"].as_array().cloned().unwrap_or_default();
+                        vec![
+                            s["name"].as_str().unwrap_or("").to_owned(),
+                            instances.len().to_string(),
+                            instances
+                                .iter()
+                                .filter_map(|i| i["address"].as_str())
+                                .collect::<Vec<_>>()
+                                .join(","),
+                        ]
+                    })
+                    .collect();
+                println!("{}", table(&["SERVICE", "INSTANCES", "ADDRESSES"], rows));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        "audit" => {
+            let (_, body) = api
+                .call(Method::GET, "/api/v1/audit?limit=50", None)
+                .await?;
+            if output != Output::Table {
+                println!("{}", render(&body, output));
+                return Ok(ExitCode::SUCCESS);
+            }
+            let rows = body["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| {
+                    vec![
+                        r["version"].to_string(),
+                        r["time"].as_str().unwrap_or("").to_owned(),
+                        r["actor"].as_str().unwrap_or("").to_owned(),
+                        r["action"].as_str().unwrap_or("").to_owned(),
+                        r["resource"].as_str().unwrap_or("").to_owned(),
+                    ]
+                })
+                .collect();
+            println!(
+                "{}",
+                table(&["VERSION", "TIME", "ACTOR", "ACTION", "RESOURCE"], rows)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        other => {
+            let Some(kind) = Kind::parse_loose(other) else {
+                eprintln!(
+                    "error: unknown kind {other:?}; try services, instances, audit, or one of: {}",
+                    Kind::ALL.map(|k| k.as_str()).join(", ")
+                );
+                return Ok(ExitCode::from(2));
+            };
+            let path = match name {
+                Some(n) => format!("/api/v1/resources/{kind}/{namespace}/{n}"),
+                None => format!("/api/v1/resources/{kind}"),
+            };
+            let (status, body) = api.call(Method::GET, &path, None).await?;
+            if status != 200 {
+                print_errors(&body);
+                return Ok(ExitCode::from(1));
+            }
+            let items: Vec<Value> = match name {
+                Some(_) => vec![body],
+                None => body["items"].as_array().cloned().unwrap_or_default(),
+            };
+            match output {
+                Output::Table => {
+                    let rows = items
+                        .iter()
+                        .map(|i| {
+                            let r = &i["resource"];
+                            vec![
+                                r["metadata"]["name"].as_str().unwrap_or("").to_owned(),
+                                r["metadata"]["namespace"].as_str().unwrap_or("").to_owned(),
+                                i["version"].to_string(),
+                                i["updated"].as_str().unwrap_or("").to_owned(),
+                                summary(kind.as_str(), &r["spec"]),
+                            ]
+                        })
+                        .collect();
+                    println!(
+                        "{}",
+                        table(
+                            &["NAME", "NAMESPACE", "VERSION", "UPDATED", "SUMMARY"],
+                            rows
+                        )
+                    );
+                }
+                _ => {
+                    let resources: Vec<Value> =
+                        items.iter().map(|i| i["resource"].clone()).collect();
+                    let value = if name.is_some() {
+                        resources.into_iter().next().unwrap_or_default()
+                    } else {
+                        Value::Array(resources)
+                    };
+                    println!("{}", render(&value, output));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+pub(crate) async fn delete(
+    api: &ApiClient,
+    what: &str,
+    name: &str,
+    namespace: &str,
+) -> Result<ExitCode, ClientError> {
+    let Some(kind) = Kind::parse_loose(what) else {
+        eprintln!("error: unknown kind {what:?}");
+        return Ok(ExitCode::from(2));
+    };
+    let (status, body) = api
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/resources/{kind}/{namespace}/{name}"),
+            None,
+        )
+        .await?;
+    if status != 200 {
+        print_errors(&body);
+        return Ok(ExitCode::from(1));
+    }
+    println!("{kind}/{namespace}/{name} deleted");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align() {
+        let t = table(&["A", "LONGER"], vec![vec!["xxxx".into(), "y".into()]]);
+        assert_eq!(t, "A      LONGER\nxxxx   y");
+    }
+
+    #[test]
+    fn route_summaries() {
+        let spec = serde_json::json!({"parentRefs": [{"name": "web"}], "rules": [{"backendRefs": [{"name": "a", "weight": 80}, {"name": "b", "weight": 20}]}]});
+        assert_eq!(
+            summary("HTTPRoute", &spec),
+            "parents=web backends=a=80,b=20"
+        );
+    }
+}

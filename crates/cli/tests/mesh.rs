@@ -1,0 +1,282 @@
+//! The mesh with its control plane: real control plane, real proxies and apps on loopback
+//! (port 0), resources applied through the HTTP API.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use trellis_proxy::app::Running;
+use trellis_proxy::config::{Args, ProxyConfig};
+use trellis_test_support::eventually;
+use trellis_test_support::http_server::{self, HttpServer};
+use trellis_test_support::process::ProxyProcess;
+
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("trellis-mesh-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+async fn control(name: &str) -> trellis_control::Running {
+    trellis_control::start(trellis_control::ControlConfig {
+        grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        data_dir: temp_dir(name),
+        trust_domain: "trellis.local".into(),
+        heartbeat_ttl: Duration::from_secs(10),
+    })
+    .await
+    .unwrap()
+}
+
+async fn proxy(service: &str, control: SocketAddr, extra: &[&str]) -> Running {
+    let grpc = control.to_string();
+    let mut argv = vec![
+        "trellis-proxy",
+        "--service",
+        service,
+        "--control",
+        &grpc,
+        "--outbound",
+        "127.0.0.1:0",
+        "--inbound",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--shutdown-grace",
+        "100ms",
+    ];
+    argv.extend_from_slice(extra);
+    let config = ProxyConfig::from_args(Args::try_parse_from(argv).unwrap()).unwrap();
+    trellis_proxy::app::start(config, Arc::new(trellis_proxy::logging::Fixed::default()))
+        .await
+        .unwrap()
+}
+
+/// An app plus its proxy registered with the control plane.
+async fn instance(service: &str, control: SocketAddr) -> (HttpServer, Running) {
+    let app = http_server::spawn(service).await;
+    let p = proxy(service, control, &["--app", &app.addr.to_string()]).await;
+    (app, p)
+}
+
+async fn apply(api: SocketAddr, yaml: &str) -> (u16, serde_json::Value) {
+    request(api, "POST", "/api/v1/apply", yaml).await
+}
+
+async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "control")
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .unwrap();
+    let rsp = sender.send_request(req).await.unwrap();
+    let status = rsp.status().as_u16();
+    let bytes = rsp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+fn split(v1: u32, v2: u32) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: web-split}}\nspec:\n  parentRefs: [{{name: web}}]\n  rules:\n    - backendRefs: [{{name: web-v1, weight: {v1}}}, {{name: web-v2, weight: {v2}}}]\n      timeouts: {{request: 5s}}\n"
+    )
+}
+
+/// A keep-alive HTTP/1.1 client to one address.
+struct Client {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr) -> Self {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        Self { sender }
+    }
+
+    /// Status and `x-served-by` (empty on proxy errors) of one GET.
+    async fn get(&mut self, host: &str, path: &str) -> (u16, String) {
+        self.sender.ready().await.unwrap();
+        let req = http::Request::get(path)
+            .header("host", host)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let rsp = self.sender.send_request(req).await.unwrap();
+        let status = rsp.status().as_u16();
+        let by = rsp
+            .headers()
+            .get("x-served-by")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        rsp.into_body().collect().await.unwrap();
+        (status, by)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_split_lands_and_changes_take_effect() {
+    let cp = control("split").await;
+    let (_v1_app, _v1) = instance("web-v1", cp.grpc_addr).await;
+    let (_v2_app, _v2) = instance("web-v2", cp.grpc_addr).await;
+    let (status, body) = apply(cp.http_addr, &split(80, 20)).await;
+    assert_eq!(status, 200, "{body}");
+    let client = proxy("client", cp.grpc_addr, &["--upstream", "web=127.0.0.1:0"]).await;
+    let up = client.bound.upstreams[&trellis_core::ServiceName::new("web").unwrap()];
+    let mut c = Client::connect(up).await;
+
+    // Both backends are registered and routed before counting.
+    eventually("both versions answer", Duration::from_secs(10), || {
+        let up = up;
+        async move {
+            let mut c = Client::connect(up).await;
+            let mut seen = std::collections::HashSet::new();
+            for _ in 0..50 {
+                seen.insert(c.get("web", "/").await.1);
+            }
+            (seen.contains("web-v1") && seen.contains("web-v2")).then_some(())
+        }
+    })
+    .await;
+
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..2000 {
+        let (status, by) = c.get("web", "/").await;
+        assert_eq!(status, 200);
+        *counts.entry(by).or_default() += 1;
+    }
+    let v2 = counts.get("web-v2").copied().unwrap_or(0) as f64 / 2000.0;
+    eprintln!("80/20 split over 2000 requests: {counts:?}");
+    assert!(
+        (0.15..=0.25).contains(&v2),
+        "v2 share {v2} not within 20% ± 5%"
+    );
+
+    let (status, _) = apply(cp.http_addr, &split(0, 100)).await;
+    assert_eq!(status, 200);
+    let changed = Instant::now();
+    eventually(
+        "the 0/100 split takes effect",
+        Duration::from_secs(10),
+        || {
+            let up = up;
+            async move {
+                let mut c = Client::connect(up).await;
+                for _ in 0..20 {
+                    if c.get("web", "/").await.1 != "web-v2" {
+                        return None;
+                    }
+                }
+                Some(())
+            }
+        },
+    )
+    .await;
+    eprintln!("0/100 observed after {:?}", changed.elapsed());
+    for _ in 0..200 {
+        assert_eq!(c.get("web", "/").await, (200, "web-v2".to_owned()));
+    }
+}
+
+fn proxy_bin() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_trellis")).with_file_name("trellis-proxy")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instance_stops_receiving_traffic() {
+    let cp = control("kill").await;
+    let grpc = cp.grpc_addr.to_string();
+    let app_a = http_server::spawn("backend-a").await;
+    let app_b = http_server::spawn("backend-b").await;
+    let _a = ProxyProcess::spawn(
+        &proxy_bin(),
+        &[
+            "--service",
+            "backend",
+            "--control",
+            &grpc,
+            "--app",
+            &app_a.addr.to_string(),
+        ],
+    )
+    .await;
+    let b = ProxyProcess::spawn(
+        &proxy_bin(),
+        &[
+            "--service",
+            "backend",
+            "--control",
+            &grpc,
+            "--app",
+            &app_b.addr.to_string(),
+        ],
+    )
+    .await;
+    let client = proxy(
+        "client",
+        cp.grpc_addr,
+        &["--upstream", "backend=127.0.0.1:0"],
+    )
+    .await;
+    let up = client.bound.upstreams[&trellis_core::ServiceName::new("backend").unwrap()];
+    eventually(
+        "both instances serve",
+        Duration::from_secs(10),
+        || async move {
+            let mut c = Client::connect(up).await;
+            let mut seen = std::collections::HashSet::new();
+            for _ in 0..20 {
+                seen.insert(c.get("backend", "/").await.1);
+            }
+            (seen.len() == 2).then_some(())
+        },
+    )
+    .await;
+
+    b.signal("KILL");
+    let killed = Instant::now();
+    eventually(
+        "the killed instance leaves the client's endpoints",
+        Duration::from_secs(10),
+        || async {
+            let (_, config) = request(client.bound.admin, "GET", "/config", "").await;
+            let n = config["destinations"]["backend"]["endpoints"]
+                .as_array()
+                .map(|a| a.len());
+            (n == Some(1)).then_some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "killed instance removed from the caller after {:?}",
+        killed.elapsed()
+    );
+    let mut c = Client::connect(up).await;
+    for _ in 0..500 {
+        assert_eq!(c.get("backend", "/").await, (200, "backend-a".to_owned()));
+    }
+}
