@@ -280,3 +280,180 @@ async fn a_killed_instance_stops_receiving_traffic() {
         assert_eq!(c.get("backend", "/").await, (200, "backend-a".to_owned()));
     }
 }
+
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// `trellis control` as a real process (so it can be killed with SIGKILL).
+struct ControlProcess {
+    child: tokio::process::Child,
+}
+
+impl ControlProcess {
+    async fn start(grpc: SocketAddr, http: SocketAddr, data: &Path) -> Self {
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_trellis"))
+            .args([
+                "control",
+                "--grpc",
+                &grpc.to_string(),
+                "--http",
+                &http.to_string(),
+            ])
+            .arg("--data-dir")
+            .arg(data)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        eventually(
+            "control plane answers",
+            Duration::from_secs(10),
+            || async move { tokio::net::TcpStream::connect(http).await.ok().map(|_| ()) },
+        )
+        .await;
+        Self { child }
+    }
+
+    async fn kill9(mut self) {
+        self.child.start_kill().unwrap();
+        self.child.wait().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_keep_serving_through_a_control_plane_outage() {
+    let (grpc, http) = (free_port(), free_port());
+    let data = temp_dir("outage");
+    let cp = ControlProcess::start(grpc, http, &data).await;
+    let (_v1_app, _v1) = instance("web-v1", grpc).await;
+    let (_v2_app, _v2) = instance("web-v2", grpc).await;
+    assert_eq!(apply(http, &split(100, 0)).await.0, 200);
+    let client = proxy("client", grpc, &["--upstream", "web=127.0.0.1:0"]).await;
+    let up = client.bound.upstreams[&trellis_core::ServiceName::new("web").unwrap()];
+    eventually(
+        "traffic flows to web-v1",
+        Duration::from_secs(10),
+        || async move {
+            (Client::connect(up).await.get("web", "/").await == (200, "web-v1".to_owned()))
+                .then_some(())
+        },
+    )
+    .await;
+
+    // Steady traffic for the whole outage and recovery.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut c = Client::connect(up).await;
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match c.get("web", "/").await {
+                    (200, _) => ok += 1,
+                    other => failed.push(other),
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (ok, failed)
+        }
+    });
+
+    cp.kill9().await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let _cp = ControlProcess::start(grpc, http, &data).await;
+    // The restarted control plane remembers its resources and, once proxies reconnect, pushes
+    // new changes to them.
+    assert_eq!(apply(http, &split(0, 100)).await.0, 200);
+    let changed = Instant::now();
+    eventually("the change made after the restart reaches the client", Duration::from_secs(20), || async move {
+        (Client::connect(up).await.get("web", "/").await.1 == "web-v2").then_some(())
+    })
+    .await;
+    eprintln!("post-restart change observed after {:?}", changed.elapsed());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = traffic.await.unwrap();
+    eprintln!(
+        "requests during outage and recovery: {ok} ok, {} failed",
+        failed.len()
+    );
+    assert!(ok > 1000, "traffic kept flowing ({ok})");
+    assert!(
+        failed.is_empty(),
+        "failed requests: {:?}",
+        &failed[..failed.len().min(10)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_applies_survive_kill_9() {
+    let (grpc, http) = (free_port(), free_port());
+    let data = temp_dir("kill9");
+    let cp = ControlProcess::start(grpc, http, &data).await;
+    let acknowledged = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let writer = tokio::spawn({
+        let acknowledged = acknowledged.clone();
+        async move {
+            for i in 0..10_000 {
+                let yaml = format!(
+                    "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{name: svc-{i}}}\nspec: {{ports: [{{port: 80}}]}}\n"
+                );
+                // Once the process is gone, requests fail: stop there.
+                let Ok(stream) = tokio::net::TcpStream::connect(http).await else {
+                    return;
+                };
+                let Ok((mut sender, conn)) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+                else {
+                    return;
+                };
+                tokio::spawn(conn);
+                let req = http::Request::post("/api/v1/apply")
+                    .header("host", "c")
+                    .body(Full::new(Bytes::from(yaml)))
+                    .unwrap();
+                match sender.send_request(req).await {
+                    Ok(rsp) if rsp.status() == 200 => {
+                        acknowledged.lock().unwrap().push(format!("svc-{i}"))
+                    }
+                    _ => return,
+                }
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    cp.kill9().await;
+    writer.await.unwrap();
+    let acked = acknowledged.lock().unwrap().clone();
+    assert!(
+        acked.len() > 10,
+        "some applies were acknowledged before the kill ({})",
+        acked.len()
+    );
+
+    let _cp = ControlProcess::start(grpc, http, &data).await;
+    let (status, body) = request(http, "GET", "/api/v1/resources/Service", "").await;
+    assert_eq!(status, 200);
+    let stored: std::collections::HashSet<String> = body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            i["resource"]["metadata"]["name"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let missing: Vec<_> = acked.iter().filter(|n| !stored.contains(*n)).collect();
+    eprintln!(
+        "{} acknowledged, {} stored after kill -9 and restart",
+        acked.len(),
+        stored.len()
+    );
+    assert!(missing.is_empty(), "acknowledged but lost: {missing:?}");
+}

@@ -62,6 +62,11 @@ struct State {
     watchers: HashMap<ServiceName, HashSet<SessionId>>,
     mesh_config: MeshConfigSpec,
     next_session: SessionId,
+    /// Instances remembered from before a restart whose proxies have not reconnected yet;
+    /// they expire like silent sessions.
+    orphans: HashMap<(ServiceName, String), Instant>,
+    /// Bumped on every registry change (for persistence).
+    registry_version: u64,
 }
 
 /// Shared handle to the hub.
@@ -124,6 +129,9 @@ impl Hub {
             .insert((info.service.clone(), info.instance_id.clone()));
         s.last_seen = Instant::now();
         let service = info.service.clone();
+        st.orphans
+            .remove(&(service.clone(), info.instance_id.clone()));
+        st.registry_version += 1;
         st.services
             .entry(service.clone())
             .or_default()
@@ -142,6 +150,9 @@ impl Hub {
             return;
         };
         let owned: Vec<_> = s.instances.drain().collect();
+        if !owned.is_empty() {
+            st.registry_version += 1;
+        }
         for (service, id) in owned {
             if let Some(view) = st.services.get_mut(&service) {
                 view.endpoints.remove(&id);
@@ -215,8 +226,69 @@ impl Hub {
         }
     }
 
-    /// Expires sessions that sent nothing for `ttl` (a hung proxy whose TCP stream stays up).
+    /// Restores instances persisted before a restart. They serve (so callers see no gap while
+    /// proxies reconnect) and expire after the heartbeat TTL unless their proxy re-registers.
+    pub fn preload(&self, instances: Vec<(ServiceName, DiscoveredEndpoint)>) {
+        let mut st = self.lock();
+        let now = Instant::now();
+        for (service, ep) in instances {
+            st.orphans
+                .insert((service.clone(), ep.instance_id.clone()), now);
+            st.services
+                .entry(service)
+                .or_default()
+                .endpoints
+                .insert(ep.instance_id.clone(), ep);
+        }
+        self.update_instance_gauge(&st);
+    }
+
+    /// The registry as it stands, with its change counter (for persistence).
+    pub fn registry(&self) -> (u64, Vec<(ServiceName, DiscoveredEndpoint)>) {
+        let st = self.lock();
+        let all = st
+            .services
+            .iter()
+            .flat_map(|(name, v)| {
+                v.endpoints
+                    .values()
+                    .map(move |ep| (name.clone(), ep.clone()))
+            })
+            .collect();
+        (st.registry_version, all)
+    }
+
+    /// Expires sessions that sent nothing for `ttl` (a hung proxy whose TCP stream stays up),
+    /// and remembered instances whose proxies did not come back.
     pub fn expire(&self, ttl: Duration) -> usize {
+        let start = Instant::now();
+        let gone: Vec<(ServiceName, String)> = {
+            let mut st = self.lock();
+            let gone: Vec<_> = st
+                .orphans
+                .iter()
+                .filter(|(_, since)| since.elapsed() > ttl)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in &gone {
+                st.orphans.remove(key);
+                if let Some(v) = st.services.get_mut(&key.0) {
+                    v.endpoints.remove(&key.1);
+                }
+            }
+            if !gone.is_empty() {
+                st.registry_version += 1;
+            }
+            gone
+        };
+        if !gone.is_empty() {
+            let mut st = self.lock();
+            for (service, id) in &gone {
+                tracing::info!(%service, instance = %id, "instance did not re-register after restart; removed");
+                self.fan_out(&mut st, service, start);
+            }
+            self.update_instance_gauge(&st);
+        }
         let stale: Vec<SessionId> = {
             let st = self.lock();
             st.sessions
@@ -229,7 +301,7 @@ impl Hub {
             tracing::info!(session = id, "instance heartbeat expired");
             self.deregister(*id);
         }
-        stale.len()
+        stale.len() + gone.len()
     }
 
     /// Recomputes route tables, protocols and declared services from the full resource set.
@@ -514,6 +586,33 @@ mod tests {
         }
         assert!(closed);
         assert_eq!(hub.sessions(), 0);
+    }
+
+    #[test]
+    fn preloaded_instances_serve_until_their_proxy_returns_or_expire() {
+        let hub = hub();
+        let ep = |id: &str| instance("payments", id, 1).endpoint();
+        let payments = ServiceName::new("payments").expect("name");
+        hub.preload(vec![
+            (payments.clone(), ep("back")),
+            (payments.clone(), ep("gone")),
+        ]);
+        assert_eq!(hub.snapshot()[&payments].len(), 2);
+        // The orphans are older than the TTL below; the re-registered session is fresh.
+        std::thread::sleep(Duration::from_millis(300));
+        let (s, _rx) = hub.open_session();
+        hub.register(s, instance("payments", "back", 1))
+            .expect("register");
+        assert_eq!(
+            hub.expire(Duration::from_millis(150)),
+            1,
+            "only the orphan expires"
+        );
+        let left: Vec<_> = hub.snapshot()[&payments]
+            .iter()
+            .map(|e| e.instance_id.clone())
+            .collect();
+        assert_eq!(left, vec!["back".to_string()]);
     }
 
     #[test]

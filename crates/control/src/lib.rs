@@ -101,6 +101,41 @@ pub async fn start(config: ControlConfig) -> Result<Running, StartError> {
         }
     });
 
+    // The registry survives restarts: load it, and persist it (at most once a second) when
+    // it changes.
+    match store.load_registry() {
+        Ok(instances) if !instances.is_empty() => {
+            tracing::info!(
+                instances = instances.len(),
+                "restored registry; waiting for proxies to reconnect"
+            );
+            hub.preload(instances);
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot load the saved registry"),
+    }
+    let (h, s, stop) = (hub.clone(), store.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        let mut saved = u64::MAX;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let (version, instances) = h.registry();
+            if version == saved {
+                continue;
+            }
+            let s = s.clone();
+            match tokio::task::spawn_blocking(move || s.save_registry(&instances)).await {
+                Ok(Ok(())) => saved = version,
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot save the registry"),
+                Err(_) => {}
+            }
+        }
+    });
+
     // Heartbeat expiry.
     let (h, ttl, stop) = (hub.clone(), config.heartbeat_ttl, shutdown.clone());
     tokio::spawn(async move {

@@ -11,6 +11,8 @@ use std::time::SystemTime;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+use trellis_core::discovery::DiscoveredEndpoint;
+use trellis_core::names::ServiceName;
 use trellis_core::resources::{Kind, Resource, ResourceKey, check_conflicts};
 use trellis_core::time::rfc3339;
 
@@ -85,11 +87,19 @@ pub trait Store: Send + Sync + 'static {
     fn version(&self) -> u64;
     /// Notified with the new version after every committed change.
     fn subscribe(&self) -> watch::Receiver<u64>;
+    /// Persists the registry, so a restarted control plane serves the same endpoints while
+    /// proxies reconnect.
+    fn save_registry(
+        &self,
+        instances: &[(ServiceName, DiscoveredEndpoint)],
+    ) -> Result<(), StoreError>;
+    fn load_registry(&self) -> Result<Vec<(ServiceName, DiscoveredEndpoint)>, StoreError>;
 }
 
 const RESOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("resources");
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const REGISTRY: TableDefinition<&str, &[u8]> = TableDefinition::new("registry");
 
 fn storage_key(key: &ResourceKey) -> String {
     format!("{}/{}/{}", key.kind, key.namespace, key.name)
@@ -290,6 +300,30 @@ impl Store for RedbStore {
 
     fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+
+    fn save_registry(
+        &self,
+        instances: &[(ServiceName, DiscoveredEndpoint)],
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(REGISTRY)?
+            .insert("instances", encode(&instances)?.as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn load_registry(&self) -> Result<Vec<(ServiceName, DiscoveredEndpoint)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = match txn.open_table(REGISTRY) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        match table.get("instances")? {
+            Some(v) => decode(v.value()),
+            None => Ok(Vec::new()),
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use crate::names::ServiceName;
 use crate::resources::{HttpRouteMatch, HttpRouteSpec, PathMatchType};
 
 /// One instance of a service, as the registry knows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct DiscoveredEndpoint {
     pub instance_id: String,
     /// The instance proxy's inbound (advertised) address.
