@@ -108,7 +108,7 @@ free_ports() { "${LIB[@]}" free-ports "$1"; }
 wait_http() { "${LIB[@]}" wait-http "$@"; }
 # busy_procs: compilers/builds running on this machine, e.g. "cargo x1, rustc x2".
 busy_procs() {
-  pgrep -a -x 'cargo|rustc|cc1|cc1plus|ld|ld.lld|mold' 2>/dev/null | awk '{n = split($2, a, "/"); print a[n]}' | sort | uniq -c | awk '{printf "%s%s x%s", sep, $2, $1; sep=", "}' || true
+  pgrep -a -x 'cargo|rustc|clippy-driver|cc1|cc1plus|ld|ld.lld|mold' 2>/dev/null | awk '{n = split($2, a, "/"); print a[n]}' | sort | uniq -c | awk '{printf "%s%s x%s", sep, $2, $1; sep=", "}' || true
 }
 
 # ---------------------------------------------------------------- install ----

@@ -1,320 +1,315 @@
-//! `trellis demo`: two services on loopback talking through two real `trellis-proxy`
-//! processes, the way a mesh call works: app → its proxy (outbound) → HTTP/2 → the other
-//! proxy (inbound) → the other app. Prints what happened and an excerpt of both proxies'
-//! metrics, then drains the proxies with SIGTERM.
+//! `trellis demo`: the example mesh (`examples/demo.yaml`) run by `trellis up`, plus a built-in
+//! load generator and a live per-service summary (requests/s, success rate, p50/p99) read from
+//! the proxies' own metrics — no code in the services, no Prometheus needed.
 
-use std::convert::Infallible;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpListener;
-use tokio::process::{Child, Command};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+
+use crate::up::{Mesh, MeshFile, UpError};
+
+const DEMO_MESH: &str = include_str!("../../../examples/demo.yaml");
 
 #[derive(clap::Args, Clone)]
 pub(crate) struct DemoArgs {
-    /// Requests the frontend sends to the backend.
-    #[arg(long, default_value_t = 200)]
-    requests: usize,
-    /// Directory for the generated proxy config and logs (default: a temporary directory).
+    /// Requests per second the load generator sends to the frontend.
+    #[arg(long, default_value_t = 20)]
+    rps: u32,
+    /// Stop after this long (default: run until Ctrl-C).
+    #[arg(long)]
+    duration: Option<String>,
+    /// Run directory for logs and state (default: a temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum DemoError {
-    #[error("cannot find trellis-proxy next to {0} (build it with `cargo build --release`)")]
-    ProxyBinaryMissing(String),
-    #[error("{0}: {1}")]
-    Io(&'static str, std::io::Error),
-    #[error("{0}")]
-    Failed(String),
+#[derive(Default)]
+struct LoadStats {
+    sent: AtomicU64,
+    ok: AtomicU64,
 }
 
-fn proxy_binary() -> Result<PathBuf, DemoError> {
-    let me = std::env::current_exe().map_err(|e| DemoError::Io("current exe", e))?;
-    let candidate = me.with_file_name("trellis-proxy");
-    if candidate.exists() {
-        Ok(candidate)
-    } else {
-        Err(DemoError::ProxyBinaryMissing(me.display().to_string()))
-    }
+/// Inbound counters of one service, summed over its replicas.
+#[derive(Default, Clone)]
+struct ServiceCounters {
+    total: f64,
+    success: f64,
+    /// Cumulative latency buckets: upper bound (s) → count.
+    buckets: BTreeMap<u64, f64>,
 }
 
-/// A free loopback port. (The tiny window before the proxy binds it is acceptable for a demo.)
-async fn free_port() -> Result<SocketAddr, DemoError> {
-    let l = TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| DemoError::Io("bind", e))?;
-    l.local_addr().map_err(|e| DemoError::Io("bind", e))
-}
-
-/// The backend app: a tiny HTTP server that says which version answered.
-async fn spawn_backend() -> Result<SocketAddr, DemoError> {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| DemoError::Io("backend bind", e))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| DemoError::Io("backend", e))?;
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    |req: hyper::Request<hyper::body::Incoming>| async move {
-                        let body =
-                            format!("hello from backend, you asked for {}\n", req.uri().path());
-                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    Ok(addr)
-}
-
-struct Proxy {
-    name: &'static str,
-    child: Child,
-    admin: SocketAddr,
-}
-
-async fn start_proxy(
-    bin: &PathBuf,
-    name: &'static str,
-    args: &[String],
-    log: &std::path::Path,
-) -> Result<Proxy, DemoError> {
-    let admin = free_port().await?;
-    let log_file = std::fs::File::create(log).map_err(|e| DemoError::Io("log file", e))?;
-    let child = Command::new(bin)
-        .args(args)
-        .args(["--admin", &admin.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log_file)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| DemoError::Io("spawn trellis-proxy", e))?;
-    let proxy = Proxy { name, child, admin };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if let Ok((200, _)) = get(&format!("http://{admin}/ready")).await {
-            return Ok(proxy);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Err(DemoError::Failed(format!(
-        "{name} proxy did not become ready; see {}",
-        log.display()
-    )))
-}
-
-async fn get(url: &str) -> Result<(u16, String), String> {
-    let client: Client<HttpConnector, Empty<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
-    let uri: hyper::Uri = url.parse().map_err(|e| format!("{e}"))?;
-    let rsp = client.get(uri).await.map_err(|e| e.to_string())?;
-    let status = rsp.status().as_u16();
-    let body = rsp
-        .into_body()
+fn parse_labels(s: &str) -> BTreeMap<&str, &str> {
+    s.split("\",")
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once("=\"")?;
+            Some((k.trim_matches(','), v.trim_end_matches('"')))
+        })
         .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
-pub(crate) async fn run(args: DemoArgs) -> Result<(), DemoError> {
-    let bin = proxy_binary()?;
-    let dir = match args.dir {
-        Some(d) => d,
-        None => std::env::temp_dir().join(format!("trellis-demo-{}", std::process::id())),
-    };
-    std::fs::create_dir_all(&dir).map_err(|e| DemoError::Io("run directory", e))?;
-
-    println!("Trellis demo: frontend --> [proxy] ==HTTP/2==> [proxy] --> backend\n");
-    let backend_app = spawn_backend().await?;
-    let backend_inbound = free_port().await?;
-    let backend_proxy = start_proxy(
-        &bin,
-        "backend",
-        &[
-            "--service".into(),
-            "backend".into(),
-            "--app".into(),
-            backend_app.to_string(),
-            "--inbound".into(),
-            backend_inbound.to_string(),
-            "--outbound".into(),
-            free_port().await?.to_string(),
-        ],
-        &dir.join("backend-proxy.log"),
-    )
-    .await?;
-
-    let config = dir.join("frontend-proxy.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "# Generated by `trellis demo`: the frontend's static proxy config.\n\
-             service: frontend\n\
-             destinations:\n  backend:\n    timeout: 5s\n    endpoints:\n      - address: {backend_inbound}\n        meshed: true\n"
-        ),
-    )
-    .map_err(|e| DemoError::Io("write config", e))?;
-    let frontend_outbound = free_port().await?;
-    let upstream_port = free_port().await?;
-    let frontend_proxy = start_proxy(
-        &bin,
-        "frontend",
-        &[
-            "--config".into(),
-            config.display().to_string(),
-            "--outbound".into(),
-            frontend_outbound.to_string(),
-            "--inbound".into(),
-            free_port().await?.to_string(),
-            "--upstream".into(),
-            format!("backend={upstream_port}"),
-        ],
-        &dir.join("frontend-proxy.log"),
-    )
-    .await?;
-
-    println!("  backend app      {backend_app}");
-    println!(
-        "  backend proxy    inbound {backend_inbound}, admin http://{}",
-        backend_proxy.admin
-    );
-    println!(
-        "  frontend proxy   outbound {frontend_outbound} (HTTP_PROXY), upstream port {upstream_port} -> backend, admin http://{}",
-        frontend_proxy.admin
-    );
-    println!("  run directory    {}\n", dir.display());
-
-    // The "frontend app": plain HTTP calls, no mesh code. Half go HTTP_PROXY style (absolute
-    // URIs on a keep-alive connection to the outbound listener), half to the local upstream port.
-    let mut via_http_proxy = connect_http1(frontend_outbound).await?;
-    let mut via_upstream_port = connect_http1(upstream_port).await?;
-    let mut ok = 0usize;
-    let mut latencies = Vec::with_capacity(args.requests);
-    let mut sample = String::new();
-    for i in 0..args.requests {
-        let (sender, uri) = if i % 2 == 0 {
-            (&mut via_http_proxy, format!("http://backend/orders/{i}"))
-        } else {
-            (&mut via_upstream_port, format!("/items/{i}"))
+/// Adds one proxy's inbound HTTP metrics into `out`, keyed by service.
+fn accumulate(text: &str, out: &mut BTreeMap<String, ServiceCounters>) {
+    for line in text.lines() {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
         };
-        let req = hyper::Request::get(uri)
-            .header("host", "backend")
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| DemoError::Failed(e.to_string()))?;
-        let start = Instant::now();
-        let result = send(sender, req).await;
-        latencies.push(start.elapsed());
-        match result {
-            Ok((200, body)) => {
-                ok += 1;
-                if sample.is_empty() {
-                    sample = body;
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let Some((name, labels)) = series.split_once('{') else {
+            continue;
+        };
+        let labels = parse_labels(labels.trim_end_matches('}'));
+        if labels.get("direction") != Some(&"inbound") {
+            continue;
+        }
+        let Some(dst) = labels.get("dst") else {
+            continue;
+        };
+        let c = out.entry((*dst).to_owned()).or_default();
+        match name {
+            "trellis_http_requests_total" => {
+                c.total += value;
+                if labels.get("classification") == Some(&"success") {
+                    c.success += value;
                 }
             }
-            Ok((status, body)) => println!("  request {i}: status {status}: {}", body.trim()),
-            Err(e) => println!("  request {i}: error {e}"),
-        }
-    }
-    latencies.sort();
-    let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p) as usize];
-    println!("Sent {} requests: {} succeeded", args.requests, ok);
-    if !latencies.is_empty() {
-        println!(
-            "Latency through two proxies: p50 {:?}, p99 {:?}, max {:?}",
-            pct(0.5),
-            pct(0.99),
-            pct(1.0)
-        );
-    }
-    println!("Sample response: {}", sample.trim());
-
-    for proxy in [&frontend_proxy, &backend_proxy] {
-        println!(
-            "\nMetrics excerpt from the {} proxy (http://{}/metrics):",
-            proxy.name, proxy.admin
-        );
-        match get(&format!("http://{}/metrics", proxy.admin)).await {
-            Ok((_, text)) => {
-                for line in text.lines().filter(|l| {
-                    (l.starts_with("trellis_http_requests_total")
-                        || l.starts_with("trellis_protocol_detections_total"))
-                        && !l.starts_with('#')
-                }) {
-                    println!("  {line}");
-                }
+            "trellis_http_request_duration_seconds_bucket" => {
+                let le = labels
+                    .get("le")
+                    .and_then(|l| l.parse::<f64>().ok())
+                    .unwrap_or(f64::INFINITY);
+                let key = if le.is_finite() {
+                    (le * 1e6) as u64
+                } else {
+                    u64::MAX
+                };
+                *c.buckets.entry(key).or_default() += value;
             }
-            Err(e) => println!("  (unavailable: {e})"),
+            _ => {}
         }
-    }
-
-    println!("\nStopping proxies (SIGTERM, graceful drain)...");
-    for mut proxy in [frontend_proxy, backend_proxy] {
-        if let Some(pid) = proxy.child.id() {
-            let _ = std::process::Command::new("kill")
-                .arg("-TERM")
-                .arg(pid.to_string())
-                .status();
-        }
-        match tokio::time::timeout(Duration::from_secs(35), proxy.child.wait()).await {
-            Ok(Ok(status)) => println!("  {} proxy exited: {status}", proxy.name),
-            _ => println!("  {} proxy did not exit in time", proxy.name),
-        }
-    }
-    if ok == args.requests {
-        println!("\nDemo complete: every request crossed the mesh.");
-        Ok(())
-    } else {
-        Err(DemoError::Failed(format!(
-            "{} of {} requests failed",
-            args.requests - ok,
-            args.requests
-        )))
     }
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+/// Quantile from cumulative bucket deltas (upper bound of the bucket that holds it).
+fn quantile(now: &ServiceCounters, before: &ServiceCounters, q: f64) -> Option<Duration> {
+    let deltas: Vec<(u64, f64)> = now
+        .buckets
+        .iter()
+        .map(|(le, n)| (*le, n - before.buckets.get(le).copied().unwrap_or(0.0)))
+        .collect();
+    let total = deltas.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    deltas.iter().find(|(_, n)| *n >= q * total).map(|(le, _)| {
+        if *le == u64::MAX {
+            Duration::from_secs(10)
+        } else {
+            Duration::from_micros(*le)
+        }
+    })
+}
 
-async fn connect_http1(addr: SocketAddr) -> Result<Sender, DemoError> {
-    let stream = tokio::net::TcpStream::connect(addr)
+async fn scrape(admin: SocketAddr) -> Option<String> {
+    let stream = tokio::net::TcpStream::connect(admin).await.ok()?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| DemoError::Io("connect", e))?;
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| DemoError::Failed(format!("handshake with {addr}: {e}")))?;
+        .ok()?;
     tokio::spawn(conn);
-    Ok(sender)
+    let req = hyper::Request::get("/metrics")
+        .header("host", "admin")
+        .body(Empty::<Bytes>::new())
+        .ok()?;
+    let rsp = sender.send_request(req).await.ok()?;
+    let body = rsp.into_body().collect().await.ok()?.to_bytes();
+    Some(String::from_utf8_lossy(&body).into_owned())
 }
 
-async fn send(
-    sender: &mut Sender,
-    req: hyper::Request<Empty<Bytes>>,
-) -> Result<(u16, String), String> {
-    sender.ready().await.map_err(|e| e.to_string())?;
-    let rsp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-    let status = rsp.status().as_u16();
-    let body = rsp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+async fn mesh_counters(mesh: &Mesh) -> BTreeMap<String, ServiceCounters> {
+    let mut out = BTreeMap::new();
+    for r in &mesh.replicas {
+        if let Some(text) = scrape(r.admin).await {
+            accumulate(&text, &mut out);
+        }
+    }
+    out
+}
+
+fn summary(
+    now: &BTreeMap<String, ServiceCounters>,
+    before: &BTreeMap<String, ServiceCounters>,
+    secs: f64,
+) -> String {
+    let mut out = format!(
+        "{:<12} {:>8} {:>9} {:>9} {:>9}\n",
+        "SERVICE", "RPS", "SUCCESS", "P50", "P99"
+    );
+    for (svc, c) in now {
+        let b = before.get(svc).cloned().unwrap_or_default();
+        let n = c.total - b.total;
+        let ok = c.success - b.success;
+        let fmt = |d: Option<Duration>| {
+            d.map_or("-".into(), |d| format!("{}ms", d.as_secs_f64() * 1000.0))
+        };
+        out.push_str(&format!(
+            "{:<12} {:>8.1} {:>8.1}% {:>9} {:>9}\n",
+            svc,
+            n / secs,
+            if n > 0.0 { 100.0 * ok / n } else { 100.0 },
+            fmt(quantile(c, &b, 0.5)),
+            fmt(quantile(c, &b, 0.99)),
+        ));
+    }
+    out
+}
+
+async fn load(frontend: Vec<SocketAddr>, rps: u32, stats: Arc<LoadStats>) {
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rps.max(1))));
+    let mut i = 0usize;
+    loop {
+        tick.tick().await;
+        let target = frontend[i % frontend.len()];
+        i += 1;
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            stats.sent.fetch_add(1, Ordering::Relaxed);
+            let ok = async {
+                let stream = tokio::net::TcpStream::connect(target).await.ok()?;
+                let (mut sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                        .await
+                        .ok()?;
+                tokio::spawn(conn);
+                let req = hyper::Request::get("/checkout")
+                    .header("host", "frontend")
+                    .body(Empty::<Bytes>::new())
+                    .ok()?;
+                let rsp = sender.send_request(req).await.ok()?;
+                let status = rsp.status();
+                rsp.into_body().collect().await.ok()?;
+                status.is_success().then_some(())
+            }
+            .await;
+            if ok.is_some() {
+                stats.ok.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+}
+
+pub(crate) async fn run(args: DemoArgs) -> Result<(), UpError> {
+    let mesh_file: MeshFile = serde_saphyr::from_str(DEMO_MESH)
+        .map_err(|e| UpError::Failed(format!("bundled demo mesh: {e}")))?;
+    let duration = args
+        .duration
+        .as_deref()
+        .map(trellis_core::duration::parse_duration)
+        .transpose()
+        .map_err(|e| UpError::Invalid {
+            file: "--duration".into(),
+            reason: e,
+        })?;
+    let run_dir = args.dir.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("trellis-demo-{}", std::process::id()))
+    });
+    println!("Starting the Trellis demo mesh:");
+    println!(
+        "  frontend --HTTP--> orders (90% orders-v1 / 10% orders-v2 canary) --gRPC--> inventory x2\n"
+    );
+    let mut mesh = Mesh::start(&mesh_file, run_dir).await?;
+    let _ = crate::client::write_context(&format!("http://{}", mesh.control.http_addr));
+    println!("{}", mesh.table());
+    println!(
+        "Try, in another terminal:  trellis get services   |   trellis get routes   |   trellis get audit\n"
+    );
+
+    // The load generator calls the frontend the way an ingress would: at its proxy's inbound.
+    let frontend: Vec<SocketAddr> = mesh
+        .replicas
+        .iter()
+        .filter(|r| r.service == "frontend")
+        .map(|r| r.inbound)
+        .collect();
+    let stats = Arc::new(LoadStats::default());
+    let generator = tokio::spawn(load(frontend, args.rps, stats.clone()));
+    println!(
+        "Sending {} requests/s to frontend. Live summary from the proxies' metrics (Ctrl-C to stop):\n",
+        args.rps
+    );
+
+    let started = Instant::now();
+    let mut before = mesh_counters(&mesh).await;
+    let mut last = Instant::now();
+    let first = before.clone();
+    let stop = crate::up::wait_for_stop();
+    tokio::pin!(stop);
+    loop {
+        let remaining = duration.map(|d| d.saturating_sub(started.elapsed()));
+        let interval = remaining.map_or(Duration::from_secs(3), |r| r.min(Duration::from_secs(3)));
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let now = mesh_counters(&mesh).await;
+        println!("{}", summary(&now, &before, last.elapsed().as_secs_f64()));
+        before = now;
+        last = Instant::now();
+        if remaining.is_some_and(|r| r <= interval) {
+            break;
+        }
+    }
+    generator.abort();
+    let total = mesh_counters(&mesh).await;
+    let sent = stats.sent.load(Ordering::Relaxed);
+    let ok = stats.ok.load(Ordering::Relaxed);
+    println!(
+        "Whole run ({:.0}s):\n{}",
+        started.elapsed().as_secs_f64(),
+        summary(&total, &first, started.elapsed().as_secs_f64())
+    );
+    println!("Load generator: {sent} requests sent, {ok} succeeded end to end.");
+    println!("Stopping the mesh...");
+    mesh.stop().await;
+    println!("Stopped; logs are in {}", mesh.run_dir.display());
+    if ok == 0 {
+        return Err(UpError::Failed("no request succeeded; see the logs".into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summarises_inbound_metrics() {
+        let before = "trellis_http_requests_total{direction=\"inbound\",src=\"unknown\",dst=\"orders\",route=\"default\",code=\"200\",classification=\"success\"} 10\n";
+        let now = "trellis_http_requests_total{direction=\"inbound\",src=\"unknown\",dst=\"orders\",route=\"default\",code=\"200\",classification=\"success\"} 28\n\
+trellis_http_requests_total{direction=\"inbound\",src=\"unknown\",dst=\"orders\",route=\"default\",code=\"500\",classification=\"failure\"} 2\n\
+trellis_http_request_duration_seconds_bucket{le=\"0.005\",direction=\"inbound\",src=\"unknown\",dst=\"orders\",route=\"default\",classification=\"success\"} 15\n\
+trellis_http_request_duration_seconds_bucket{le=\"0.05\",direction=\"inbound\",src=\"unknown\",dst=\"orders\",route=\"default\",classification=\"success\"} 20\n\
+trellis_http_request_duration_seconds_bucket{le=\"+Inf\",direction=\"inbound\",src=\"unknown\",dst=\"orders\",route=\"default\",classification=\"success\"} 20\n\
+trellis_http_requests_total{direction=\"outbound\",src=\"orders\",dst=\"inventory\",route=\"default\",code=\"200\",classification=\"success\"} 99\n";
+        let (mut b, mut n) = (BTreeMap::new(), BTreeMap::new());
+        accumulate(before, &mut b);
+        accumulate(now, &mut n);
+        assert!(
+            !n.contains_key("inventory"),
+            "outbound series are not a service's own traffic"
+        );
+        let text = summary(&n, &b, 2.0);
+        assert!(text.contains("orders"), "{text}");
+        assert!(text.contains("10.0"), "20 requests in 2 s: {text}");
+        assert!(text.contains("90.0%"), "18 of 20 succeeded: {text}");
+        assert!(text.contains("5ms"), "p50 in the 5 ms bucket: {text}");
+        assert!(text.contains("50ms"), "p99 in the 50 ms bucket: {text}");
+    }
 }

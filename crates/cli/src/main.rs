@@ -4,7 +4,9 @@
 
 mod client;
 mod demo;
+mod example_app;
 mod resources;
+mod up;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -50,8 +52,19 @@ enum Command {
         #[arg(short = 'n', long, default_value = "default")]
         namespace: String,
     },
-    /// Runs a local demo mesh: two services, each with its own trellis-proxy, on loopback.
+    /// Runs a whole mesh on this machine from one file (control plane, apps, proxies).
+    Up {
+        #[arg(short = 'f', long = "filename")]
+        file: std::path::PathBuf,
+        /// Directory for logs and state (default: a temporary directory).
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
+    /// Runs the demo mesh (examples/demo.yaml) with a load generator and a live summary.
     Demo(demo::DemoArgs),
+    /// A small example service used by the demo mesh.
+    #[command(hide = true)]
+    ExampleApp(example_app::ExampleArgs),
     /// Prints the version.
     Version,
 }
@@ -104,8 +117,34 @@ fn main() -> ExitCode {
         Command::Demo(args) => {
             return match rt.block_on(demo::run(args.clone())) {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(e @ up::UpError::Invalid { .. }) => {
+                    eprintln!("trellis demo: invalid configuration: {e}");
+                    ExitCode::from(64)
+                }
                 Err(e) => {
                     eprintln!("trellis demo: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        Command::Up { file, dir } => {
+            return match rt.block_on(up::run(file, dir.clone())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e @ up::UpError::Invalid { .. }) => {
+                    eprintln!("trellis up: invalid configuration: {e}");
+                    ExitCode::from(64)
+                }
+                Err(e) => {
+                    eprintln!("trellis up: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        Command::ExampleApp(args) => {
+            return match rt.block_on(example_app::run(args.clone())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("example-app: {e}");
                     ExitCode::from(1)
                 }
             };

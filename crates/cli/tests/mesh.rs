@@ -150,17 +150,18 @@ async fn weighted_split_lands_and_changes_take_effect() {
     let mut c = Client::connect(up).await;
 
     // Both backends are registered and routed before counting.
-    eventually("both versions answer", Duration::from_secs(10), || {
-        let up = up;
-        async move {
+    eventually(
+        "both versions answer",
+        Duration::from_secs(10),
+        || async move {
             let mut c = Client::connect(up).await;
             let mut seen = std::collections::HashSet::new();
             for _ in 0..50 {
                 seen.insert(c.get("web", "/").await.1);
             }
             (seen.contains("web-v1") && seen.contains("web-v2")).then_some(())
-        }
-    })
+        },
+    )
     .await;
 
     let mut counts: HashMap<String, usize> = HashMap::new();
@@ -182,17 +183,14 @@ async fn weighted_split_lands_and_changes_take_effect() {
     eventually(
         "the 0/100 split takes effect",
         Duration::from_secs(10),
-        || {
-            let up = up;
-            async move {
-                let mut c = Client::connect(up).await;
-                for _ in 0..20 {
-                    if c.get("web", "/").await.1 != "web-v2" {
-                        return None;
-                    }
+        || async move {
+            let mut c = Client::connect(up).await;
+            for _ in 0..20 {
+                if c.get("web", "/").await.1 != "web-v2" {
+                    return None;
                 }
-                Some(())
             }
+            Some(())
         },
     )
     .await;
