@@ -8,7 +8,9 @@ Subcommands:
   rss PID..                       print the summed VmRSS of PIDs in kB
   rss-sample OUT PID..            sample summed VmRSS every 100 ms until killed,
                                   keep the max (kB) in OUT
-  busy-monitor OUT                until killed, record compilers seen running
+  busy-monitor OUT ROOT PCT       until killed, measure CPU used by processes
+                                  other than ROOT's descendants; note it in OUT
+                                  if it averages >= PCT % of one core
   keepalive URL N                 send N GETs over one keep-alive connection;
                                   prints "ok=.. bad=.. reconnects=.."
   oha-summary FILE                one-line summary of an oha JSON result
@@ -110,12 +112,33 @@ def rss_sample(out, pids):
         time.sleep(0.1)
 
 
-BUSY_NAMES = {"cargo", "rustc", "cc1", "cc1plus", "ld", "ld.lld", "mold", "clippy-driver"}
+def _proc_table():
+    """pid -> (comm, ppid, cpu ticks) for every process."""
+    table = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        lp, rp = raw.find("("), raw.rfind(")")
+        if lp < 0 or rp < 0:
+            continue
+        rest = raw[rp + 2:].split()
+        try:
+            table[int(d)] = (raw[lp + 1:rp], int(rest[1]), int(rest[11]) + int(rest[12]))
+        except (IndexError, ValueError):
+            continue
+    return table
 
 
-def busy_monitor(out):
-    """Until SIGTERM: every 0.5 s note which compilers/builds run; write a
-    summary like "rustc (seen 12/40 samples), cargo (...)" to OUT if any."""
+def busy_monitor(out, root, threshold):
+    """Until SIGTERM: measure the CPU used by processes that are NOT ours (not
+    descendants of ROOT, not kernel threads). If it averages above THRESHOLD
+    percent of one core, write a summary to OUT, e.g.
+    "38% of a core used by other processes: rustc 30%, cargo 5%"."""
     stop = False
 
     def on_term(*_):
@@ -124,25 +147,47 @@ def busy_monitor(out):
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    seen, samples = {}, 0
-    deadline = time.monotonic() + 3600
+    hz = os.sysconf("SC_CLK_TCK")
+    prev = None
+    used = {}
+    t0 = time.monotonic()
+    deadline = t0 + 3600
     while not stop and time.monotonic() < deadline:
-        samples += 1
-        names = set()
-        for d in os.listdir("/proc"):
-            if d.isdigit():
-                try:
-                    with open(f"/proc/{d}/comm") as f:
-                        c = f.read().strip()
-                except OSError:
-                    continue
-                if c in BUSY_NAMES:
-                    names.add(c)
-        for c in names:
-            seen[c] = seen.get(c, 0) + 1
-        if seen:
-            with open(out, "w") as f:
-                f.write(", ".join(f"{c} (in {k} of {samples} samples)" for c, k in sorted(seen.items())))
+        table = _proc_table()
+        children = {}
+        for pid, (_, ppid, _) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        ours, todo = set(), [root]
+        while todo:
+            p = todo.pop()
+            if p not in ours:
+                ours.add(p)
+                todo.extend(children.get(p, []))
+        cur = {}
+        for pid, (comm, ppid, ticks) in table.items():
+            if pid in ours or pid == 2 or ppid == 2:
+                continue
+            cur[pid] = (comm, ticks)
+        if prev is not None:
+            for pid, (comm, ticks) in cur.items():
+                # A process that appeared since the last sample started during
+                # the measurement: all of its CPU time counts.
+                delta = ticks - prev[pid][1] if pid in prev else ticks
+                if delta > 0:
+                    used[comm] = used.get(comm, 0) + delta
+            elapsed = time.monotonic() - t0
+            total = sum(used.values()) / hz
+            pct = 100.0 * total / elapsed if elapsed > 0 else 0.0
+            if pct >= threshold:
+                top = sorted(used.items(), key=lambda kv: -kv[1])[:4]
+                parts = ", ".join(f"{c} {100.0 * v / hz / elapsed:.0f}%" for c, v in top)
+                with open(out, "w") as f:
+                    f.write(f"{pct:.0f}% of a core used by other processes ({parts})")
+            elif os.path.exists(out):
+                os.remove(out)
+        else:
+            t0 = time.monotonic()
+        prev = cur
         time.sleep(0.5)
 
 
@@ -436,7 +481,7 @@ def main(argv):
         rss_sample(args[0], [int(p) for p in args[1:]])
         return 0
     if cmd == "busy-monitor":
-        busy_monitor(args[0])
+        busy_monitor(args[0], int(args[1]), float(args[2]))
         return 0
     if cmd == "keepalive":
         return keepalive(args[0], int(args[1]))

@@ -40,6 +40,7 @@ SKIP_BUILD=${BENCH_SKIP_BUILD:-0}
 TRELLIS_EXTRA_ARGS=${BENCH_TRELLIS_EXTRA_ARGS:-}
 WAIT_IDLE=${BENCH_WAIT_IDLE:-0}               # wait up to S s per visit for cargo/rustc to finish
 BUILD_WAIT=${BENCH_BUILD_WAIT:-900}           # wait up to S s for other builds before building
+BUSY_PCT=${BENCH_BUSY_PCT:-5}                 # flag a visit if other processes used >= this % of a core
 
 STAMP=$(date +%Y-%m-%d-%H%M)
 WORK=$BENCH_DIR/work/$STAMP-$$      # bench/work is git-ignored
@@ -457,12 +458,13 @@ wait_idle() {
     said=1; sleep 2
   done
 }
-# busy_start / busy_stop WHAT: watch for compilers running during a measurement
-# (they make the numbers noise) and record them for the report's notes.
+# busy_start / busy_stop WHAT: measure the CPU that processes other than ours
+# use during a visit (builds, tests, other services make the numbers noise)
+# and record it for the report's notes.
 BUSY_PID=
 busy_start() {
   rm -f "$WORK/busy.now"
-  start_bg /dev/null "${LIB[@]}" busy-monitor "$WORK/busy.now"
+  start_bg /dev/null "${LIB[@]}" busy-monitor "$WORK/busy.now" "$$" "$BUSY_PCT"
   BUSY_PID=$LAST_PID
 }
 busy_stop() {
@@ -470,7 +472,7 @@ busy_stop() {
   BUSY_PID=
   if [[ -s $WORK/busy.now ]]; then
     log "WARNING: machine busy during $1: $(cat "$WORK/busy.now")"
-    printf '%s: other CPU-heavy processes ran during the measurement: %s; these numbers are noisy\n' \
+    printf '%s: %s during the measurement; these numbers are noisy\n' \
       "$1" "$(cat "$WORK/busy.now")" >>"$REC/busy"
   fi
 }

@@ -115,7 +115,11 @@ impl Client {
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .unwrap();
-        tokio::spawn(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                eprintln!("client connection failed: {e:?}");
+            }
+        });
         Self { sender }
     }
 
@@ -128,9 +132,11 @@ impl Client {
             .unwrap();
         let rsp = self.sender.send_request(req).await.unwrap();
         let status = rsp.status().as_u16();
+        // Who answered, or (for a proxy-generated response) why the proxy refused.
         let by = rsp
             .headers()
             .get("x-served-by")
+            .or_else(|| rsp.headers().get("x-trellis-error"))
             .map(|v| v.to_str().unwrap().to_owned())
             .unwrap_or_default();
         rsp.into_body().collect().await.unwrap();
@@ -147,7 +153,6 @@ async fn weighted_split_lands_and_changes_take_effect() {
     assert_eq!(status, 200, "{body}");
     let client = proxy("client", cp.grpc_addr, &["--upstream", "web=127.0.0.1:0"]).await;
     let up = client.bound.upstreams[&trellis_core::ServiceName::new("web").unwrap()];
-    let mut c = Client::connect(up).await;
 
     // Both backends are registered and routed before counting.
     eventually(
@@ -164,6 +169,9 @@ async fn weighted_split_lands_and_changes_take_effect() {
     )
     .await;
 
+    // Connect right before sending: a connection that stays silent past the detection
+    // timeout is (by design) treated as opaque TCP.
+    let mut c = Client::connect(up).await;
     let mut counts: HashMap<String, usize> = HashMap::new();
     for _ in 0..2000 {
         let (status, by) = c.get("web", "/").await;
@@ -361,6 +369,9 @@ async fn proxies_keep_serving_through_a_control_plane_outage() {
         }
     });
 
+    // The control plane persists its registry within ~100 ms of a change; give it that (a
+    // crash right after a registration forgets it until the proxy reconnects).
+    tokio::time::sleep(Duration::from_secs(1)).await;
     cp.kill9().await;
     tokio::time::sleep(Duration::from_secs(30)).await;
     let _cp = ControlProcess::start(grpc, http, &data).await;

@@ -74,6 +74,8 @@ struct State {
 pub struct Hub {
     state: Arc<Mutex<State>>,
     metrics: ControlMetrics,
+    /// Signalled on every registry change (the persister waits on it).
+    registry_changed: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -89,6 +91,7 @@ impl Hub {
         Self {
             state: Arc::default(),
             metrics,
+            registry_changed: Arc::default(),
         }
     }
 
@@ -412,7 +415,13 @@ impl Hub {
         }
     }
 
+    /// Completes after the next registry change.
+    pub async fn registry_changed(&self) {
+        self.registry_changed.notified().await;
+    }
+
     fn update_instance_gauge(&self, st: &State) {
+        self.registry_changed.notify_one();
         let n: usize = st.services.values().map(|v| v.endpoints.len()).sum();
         self.metrics.instances.set(n as i64);
     }

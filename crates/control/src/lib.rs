@@ -101,8 +101,8 @@ pub async fn start(config: ControlConfig) -> Result<Running, StartError> {
         }
     });
 
-    // The registry survives restarts: load it, and persist it (at most once a second) when
-    // it changes.
+    // The registry survives restarts: load it, and persist it shortly after every change
+    // (changes within 100 ms are written together).
     match store.load_registry() {
         Ok(instances) if !instances.is_empty() => {
             tracing::info!(
@@ -117,12 +117,13 @@ pub async fn start(config: ControlConfig) -> Result<Running, StartError> {
     let (h, s, stop) = (hub.clone(), store.clone(), shutdown.clone());
     tokio::spawn(async move {
         let mut saved = u64::MAX;
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
+                _ = h.registry_changed() => {}
             }
+            // Batch a burst of registrations into one write.
+            tokio::time::sleep(Duration::from_millis(100)).await;
             let (version, instances) = h.registry();
             if version == saved {
                 continue;

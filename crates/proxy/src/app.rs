@@ -134,6 +134,7 @@ pub async fn start(
         inbound_protocol: config.inbound_protocol,
         limits: ConnLimits {
             detect_timeout: config.detect_timeout,
+            client_idle_timeout: config.client_idle_timeout,
             header_read_timeout: config.header_read_timeout,
             max_header_bytes: config.max_header_bytes,
         },

@@ -82,6 +82,9 @@ pub struct Args {
     /// Deadline for a client to send a complete request head (slowloris guard).
     #[arg(long, env = "TRELLIS_HEADER_READ_TIMEOUT", default_value = "10s")]
     pub header_read_timeout: String,
+    /// Idle time after which client connections (from the app or callers) are closed.
+    #[arg(long, env = "TRELLIS_CLIENT_IDLE_TIMEOUT", default_value = "10m")]
+    pub client_idle_timeout: String,
     /// Idle time after which pooled upstream connections are closed.
     #[arg(long, env = "TRELLIS_IDLE_TIMEOUT", default_value = "90s")]
     pub idle_timeout: String,
@@ -134,6 +137,8 @@ pub struct ProxyConfig {
     pub header_read_timeout: Duration,
     #[serde(with = "duration_str")]
     pub idle_timeout: Duration,
+    #[serde(with = "duration_str")]
+    pub client_idle_timeout: Duration,
     pub max_header_bytes: usize,
     pub workers: usize,
 }
@@ -318,6 +323,7 @@ impl ProxyConfig {
             connect_timeout: positive("connect-timeout", &args.connect_timeout)?,
             header_read_timeout: positive("header-read-timeout", &args.header_read_timeout)?,
             idle_timeout: positive("idle-timeout", &args.idle_timeout)?,
+            client_idle_timeout: positive("client-idle-timeout", &args.client_idle_timeout)?,
             max_header_bytes: args.max_header_bytes,
             workers,
         })

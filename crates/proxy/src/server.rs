@@ -27,7 +27,7 @@ use crate::http::headers;
 use crate::http::outbound::{Backend, DISCOVERY_TIMEOUT, open_tcp};
 use crate::http::stack::HttpStack;
 use crate::http::{Direction, RequestMeta};
-use crate::io::PrefixedIo;
+use crate::io::{IdleTimeout, PrefixedIo};
 use crate::layers::error_response::raw_http1_error;
 use crate::layers::timeout::RequestTimeout;
 use crate::metrics::{DetectLabels, Label, ListenerLabels, Metrics, UNKNOWN};
@@ -45,6 +45,8 @@ type ResponseFuture = std::pin::Pin<
 #[derive(Debug, Clone, Copy)]
 pub struct ConnLimits {
     pub detect_timeout: Duration,
+    /// Client connections with no traffic for this long are closed.
+    pub client_idle_timeout: Duration,
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
 }
@@ -150,6 +152,20 @@ async fn handle(
         ListenerKind::Inbound => ctx.inbound_protocol.is_opaque(),
         ListenerKind::Outbound => false,
     };
+    // A destination declared HTTP has no server-speaks-first clients: wait as long as for a
+    // request head instead of falling back to opaque TCP after the short deadline.
+    let declared_http = match &kind {
+        ListenerKind::Upstream(d) => matches!(
+            d.snapshot().protocol,
+            ProtocolHint::Http | ProtocolHint::Http2 | ProtocolHint::Grpc
+        ),
+        _ => false,
+    };
+    let detect_timeout = if declared_http {
+        ctx.limits.header_read_timeout
+    } else {
+        ctx.limits.detect_timeout
+    };
     let mut buf = BytesMut::new();
     let detected = if declared_opaque {
         Detected {
@@ -157,7 +173,7 @@ async fn handle(
             reason: DetectReason::Declared,
         }
     } else {
-        match detect::detect(&mut stream, &mut buf, ctx.limits.detect_timeout).await {
+        match detect::detect(&mut stream, &mut buf, detect_timeout).await {
             Ok(d) => d,
             Err(e) => {
                 tracing::debug!(%client, error = %e, "connection failed during detection");
@@ -323,7 +339,7 @@ async fn serve_http(
         });
         fut
     });
-    let io = TokioIo::new(io);
+    let io = TokioIo::new(IdleTimeout::new(io, ctx.limits.client_idle_timeout));
     let signaled = ctx.drain.signaled();
     let result = match protocol {
         Protocol::Http2 => {
@@ -347,7 +363,9 @@ async fn serve_http(
         _ => {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(ctx.limits.header_read_timeout)
+                // hyper's timer would also close idle keep-alive connections after this long;
+                // the first head is checked by `read_first_head`, idleness by `IdleTimeout`.
+                .header_read_timeout(None)
                 .max_buf_size(ctx.limits.max_header_bytes.max(8192))
                 .keep_alive(true)
                 .serve_connection(io, svc)
