@@ -386,9 +386,14 @@ impl Hub {
             };
             let delta = diff(service, sent, &view);
             let Some(delta) = delta else { continue };
-            if s.tx.try_send(Push::Destination(delta)).is_err() {
-                stuck.push(id);
-                continue;
+            match s.tx.try_send(Push::Destination(delta)) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    stuck.push(id);
+                    continue;
+                }
+                // The session is ending; its close removes it.
+                Err(mpsc::error::TrySendError::Closed(_)) => continue,
             }
             *sent = view.clone();
         }
