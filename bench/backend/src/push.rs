@@ -225,7 +225,10 @@ async fn main() -> Result<(), String> {
             break;
         }
     }
-    eprintln!("registration updates delivered: {last} in {:.1}s", wait_start.elapsed().as_secs_f64());
+    eprintln!(
+        "registration updates delivered: {last} in {:.1}s",
+        wait_start.elapsed().as_secs_f64()
+    );
     let rss_loaded = rss_mb(args.pid);
 
     let mut closed = std::collections::HashSet::new();
