@@ -89,6 +89,7 @@ mod tests {
 }
 
 pin_project_lite::pin_project! {
+    #[project = IdleTimeoutProj]
     /// Fails reads and writes with `TimedOut` once the stream saw no activity for `idle`.
     ///
     /// The timer is re-armed lazily: activity only records a timestamp, and when the timer
@@ -136,23 +137,35 @@ fn check_idle(
 
 use std::future::Future as _;
 
+impl<T> IdleTimeoutProj<'_, T> {
+    /// Records activity when `poll` completed; checks the idle deadline when it is pending.
+    fn observe<R>(
+        &mut self,
+        poll: Poll<io::Result<R>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<R>> {
+        match poll {
+            Poll::Ready(r) => {
+                *self.last_activity = tokio::time::Instant::now();
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                check_idle(self.timer.as_mut(), *self.last_activity, *self.idle, cx)?;
+                Poll::Pending
+            }
+        }
+    }
+}
+
 impl<T: AsyncRead> AsyncRead for IdleTimeout<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.project();
-        match this.inner.poll_read(cx, buf) {
-            Poll::Ready(r) => {
-                *this.last_activity = tokio::time::Instant::now();
-                Poll::Ready(r)
-            }
-            Poll::Pending => {
-                check_idle(this.timer.as_mut(), *this.last_activity, *this.idle, cx)?;
-                Poll::Pending
-            }
-        }
+        let mut this = self.project();
+        let poll = this.inner.as_mut().poll_read(cx, buf);
+        this.observe(poll, cx)
     }
 }
 
@@ -162,17 +175,9 @@ impl<T: AsyncWrite> AsyncWrite for IdleTimeout<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.project();
-        match this.inner.poll_write(cx, buf) {
-            Poll::Ready(r) => {
-                *this.last_activity = tokio::time::Instant::now();
-                Poll::Ready(r)
-            }
-            Poll::Pending => {
-                check_idle(this.timer.as_mut(), *this.last_activity, *this.idle, cx)?;
-                Poll::Pending
-            }
-        }
+        let mut this = self.project();
+        let poll = this.inner.as_mut().poll_write(cx, buf);
+        this.observe(poll, cx)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -188,17 +193,9 @@ impl<T: AsyncWrite> AsyncWrite for IdleTimeout<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.project();
-        match this.inner.poll_write_vectored(cx, bufs) {
-            Poll::Ready(r) => {
-                *this.last_activity = tokio::time::Instant::now();
-                Poll::Ready(r)
-            }
-            Poll::Pending => {
-                check_idle(this.timer.as_mut(), *this.last_activity, *this.idle, cx)?;
-                Poll::Pending
-            }
-        }
+        let mut this = self.project();
+        let poll = this.inner.as_mut().poll_write_vectored(cx, bufs);
+        this.observe(poll, cx)
     }
 
     fn is_write_vectored(&self) -> bool {
