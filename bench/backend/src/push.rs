@@ -145,6 +145,8 @@ async fn main() -> Result<(), String> {
     };
     let seen: Seen = Arc::default();
     let updates = Arc::new(AtomicU64::new(0));
+    // Sessions whose stream failed (they stop receiving; reported, and a failure of the run).
+    let dead = Arc::new(AtomicU64::new(0));
     let mut closers = Vec::new();
     let mut watchers_of: HashMap<String, usize> = HashMap::new();
     let mut watch_lists: Vec<Vec<String>> = Vec::new();
@@ -183,9 +185,18 @@ async fn main() -> Result<(), String> {
             .await
             .map_err(|e| e.to_string())?
             .into_inner();
-        let (seen, updates) = (seen.clone(), updates.clone());
+        let (seen, updates, dead) = (seen.clone(), updates.clone(), dead.clone());
         tokio::spawn(async move {
-            while let Ok(Some(m)) = inbound.message().await {
+            loop {
+                let m = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(status) => {
+                        dead.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("session {i} ended: {status}");
+                        break;
+                    }
+                };
                 if let Some(pb::control_message::Message::Destination(d)) = m.message {
                     updates.fetch_add(1, Ordering::Relaxed);
                     let now = Instant::now();
