@@ -297,6 +297,10 @@ async fn main() -> Result<(), String> {
         percentiles(churn_latency)
     );
     println!(
+        "- simulated sessions whose stream failed: {}",
+        dead.load(Ordering::Relaxed)
+    );
+    println!(
         "- control plane RSS: {rss_before:.1} MB idle, {rss_loaded:.1} MB with the mesh connected, {:.1} MB at the end",
         rss_mb(args.pid)
     );
