@@ -202,3 +202,30 @@ fn loose_kind_names() {
     assert_eq!(Kind::parse_loose("grpcroutes"), Some(Kind::GRPCRoute));
     assert_eq!(Kind::parse_loose("nope"), None);
 }
+
+#[test]
+fn referenced_services_name_their_fields() {
+    let rs = parse_documents(SPLIT).expect("valid");
+    let refs = referenced_services(&rs[1]);
+    assert_eq!(
+        refs,
+        vec![
+            (
+                "spec.parentRefs[0].name".to_string(),
+                "payments".to_string()
+            ),
+            (
+                "spec.rules[0].backendRefs[0].name".to_string(),
+                "payments-v1".to_string()
+            ),
+            (
+                "spec.rules[0].backendRefs[1].name".to_string(),
+                "payments-v2".to_string()
+            ),
+        ]
+    );
+    assert!(
+        referenced_services(&rs[0]).is_empty(),
+        "a Service refers to nothing"
+    );
+}

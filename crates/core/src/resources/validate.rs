@@ -512,35 +512,36 @@ pub fn check_conflicts(all: &[Resource]) -> Result<(), ResourceError> {
     Ok(())
 }
 
+/// A route's parents and, per rule, its backends, as `(field path, service)`.
+fn route_references<'a>(
+    parents: &'a [ParentRef],
+    rule_backends: impl Iterator<Item = &'a [BackendRef]>,
+) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = parents
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (format!("spec.parentRefs[{i}].name"), p.name.clone()))
+        .collect();
+    for (i, backends) in rule_backends.enumerate() {
+        for (j, b) in backends.iter().enumerate() {
+            out.push((
+                format!("spec.rules[{i}].backendRefs[{j}].name"),
+                b.name.clone(),
+            ));
+        }
+    }
+    out
+}
+
 /// Kinds whose spec refers to other services, for "unknown service" warnings.
 pub fn referenced_services(r: &Resource) -> Vec<(String, String)> {
     let mut out = Vec::new();
     match &r.spec {
         Spec::HTTPRoute(s) => {
-            for (i, p) in s.parent_refs.iter().enumerate() {
-                out.push((format!("spec.parentRefs[{i}].name"), p.name.clone()));
-            }
-            for (i, rule) in s.rules.iter().enumerate() {
-                for (j, b) in rule.backend_refs.iter().enumerate() {
-                    out.push((
-                        format!("spec.rules[{i}].backendRefs[{j}].name"),
-                        b.name.clone(),
-                    ));
-                }
-            }
+            out = route_references(&s.parent_refs, s.rules.iter().map(|r| &r.backend_refs[..]))
         }
         Spec::GRPCRoute(s) => {
-            for (i, p) in s.parent_refs.iter().enumerate() {
-                out.push((format!("spec.parentRefs[{i}].name"), p.name.clone()));
-            }
-            for (i, rule) in s.rules.iter().enumerate() {
-                for (j, b) in rule.backend_refs.iter().enumerate() {
-                    out.push((
-                        format!("spec.rules[{i}].backendRefs[{j}].name"),
-                        b.name.clone(),
-                    ));
-                }
-            }
+            out = route_references(&s.parent_refs, s.rules.iter().map(|r| &r.backend_refs[..]))
         }
         Spec::DestinationPolicy(s) => {
             out.push(("spec.targetRef.name".into(), s.target_ref.name.clone()))
