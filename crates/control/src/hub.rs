@@ -411,13 +411,18 @@ impl Hub {
                         w.remove(&id);
                     }
                 }
+                // Its instances leave too, and their watchers must hear about it.
                 for (svc, inst) in s.instances {
                     if let Some(v) = st.services.get_mut(&svc) {
                         v.endpoints.remove(&inst);
                     }
+                    st.registry_version += 1;
+                    self.fan_out(st, &svc, change_start);
                 }
+                self.update_instance_gauge(st);
             }
         }
+        self.metrics.proxies_connected.set(st.sessions.len() as i64);
     }
 
     /// Completes after the next registry change.

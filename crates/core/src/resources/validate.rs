@@ -396,6 +396,35 @@ pub fn validate(r: &Resource) -> Check {
     Ok(())
 }
 
+fn canonical<M: serde::Serialize>(m: &M) -> String {
+    serde_json::to_string(m).unwrap_or_default()
+}
+
+/// What a route claims on each parent: one `(claim key, description)` per parent and match.
+fn route_claims(
+    protocol: &str,
+    namespace: &str,
+    parents: &[ParentRef],
+    matches: Vec<String>,
+) -> Vec<(String, String)> {
+    let mut keys = Vec::new();
+    for p in parents {
+        let parent = format!(
+            "{}/{}:{:?}",
+            p.namespace.as_deref().unwrap_or(namespace),
+            p.name,
+            p.port
+        );
+        for m in &matches {
+            keys.push((
+                format!("{protocol} {parent} {m}"),
+                format!("both match {m} on Service {}", p.name),
+            ));
+        }
+    }
+    keys
+}
+
 /// Checks a complete set of resources (the store as it would be after an apply) for
 /// conflicts: two routes claiming the same match on the same Service, two DestinationPolicies
 /// for one Service, more than one MeshConfig.
@@ -415,60 +444,30 @@ pub fn check_conflicts(all: &[Resource]) -> Result<(), ResourceError> {
         let ns = &r.metadata.namespace;
         let keys: Vec<(String, String)> = match &r.spec {
             Spec::HTTPRoute(s) => {
-                let mut keys = Vec::new();
-                for p in &s.parent_refs {
-                    let parent = format!(
-                        "{}/{}:{:?}",
-                        p.namespace.as_deref().unwrap_or(ns),
-                        p.name,
-                        p.port
-                    );
-                    for rule in &s.rules {
-                        let default = [HttpRouteMatch {
-                            path: Some(PathMatch {
-                                kind: PathMatchType::PathPrefix,
-                                value: "/".into(),
-                            }),
-                            headers: vec![],
-                            query_params: vec![],
-                            method: None,
-                        }];
-                        let matches = if rule.matches.is_empty() {
-                            &default[..]
-                        } else {
-                            &rule.matches[..]
-                        };
-                        for m in matches {
-                            let canonical = serde_json::to_string(m).unwrap_or_default();
-                            keys.push((
-                                format!("http {parent} {canonical}"),
-                                format!("both match {canonical} on Service {}", p.name),
-                            ));
-                        }
+                let catch_all = HttpRouteMatch {
+                    path: Some(PathMatch {
+                        kind: PathMatchType::PathPrefix,
+                        value: "/".into(),
+                    }),
+                    headers: vec![],
+                    query_params: vec![],
+                    method: None,
+                };
+                let matches = s.rules.iter().flat_map(|rule| {
+                    if rule.matches.is_empty() {
+                        vec![canonical(&catch_all)]
+                    } else {
+                        rule.matches.iter().map(canonical).collect()
                     }
-                }
-                keys
+                });
+                route_claims("http", ns, &s.parent_refs, matches.collect())
             }
             Spec::GRPCRoute(s) => {
-                let mut keys = Vec::new();
-                for p in &s.parent_refs {
-                    let parent = format!(
-                        "{}/{}:{:?}",
-                        p.namespace.as_deref().unwrap_or(ns),
-                        p.name,
-                        p.port
-                    );
-                    for rule in &s.rules {
-                        for m in &rule.matches {
-                            let canonical = serde_json::to_string(m).unwrap_or_default();
-                            keys.push((
-                                format!("grpc {parent} {canonical}"),
-                                format!("both match {canonical} on Service {}", p.name),
-                            ));
-                        }
-                    }
-                }
-                keys
+                let matches = s
+                    .rules
+                    .iter()
+                    .flat_map(|rule| rule.matches.iter().map(canonical));
+                route_claims("grpc", ns, &s.parent_refs, matches.collect())
             }
             Spec::DestinationPolicy(s) => {
                 let target = format!(
