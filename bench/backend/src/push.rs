@@ -214,6 +214,21 @@ async fn main() -> Result<(), String> {
                 }
             }
         });
+        // Heartbeats like a real proxy's (the default TTL is 10 s), so no session expires
+        // during the run; a weak handle, so dropping the closer still ends the stream.
+        let beat = tx.downgrade();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                let Some(tx) = beat.upgrade() else { break };
+                let hb = pb::ProxyMessage {
+                    message: Some(pb::proxy_message::Message::Heartbeat(pb::Heartbeat {})),
+                };
+                if tx.send(hb).await.is_err() {
+                    break;
+                }
+            }
+        });
         closers.push(tx);
     }
     eprintln!(
