@@ -17,7 +17,7 @@ use trellis_proxy::app::Running;
 use trellis_proxy::config::{Args, ProxyConfig};
 use trellis_test_support::eventually;
 use trellis_test_support::http_server::{self, HttpServer};
-use trellis_test_support::process::ProxyProcess;
+use trellis_test_support::process::{ControlProcess, ProxyProcess, free_port};
 
 fn temp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("trellis-mesh-{}-{name}", std::process::id()));
@@ -287,55 +287,12 @@ async fn a_killed_instance_stops_receiving_traffic() {
     }
 }
 
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-/// `trellis control` as a real process (so it can be killed with SIGKILL).
-struct ControlProcess {
-    child: tokio::process::Child,
-}
-
-impl ControlProcess {
-    async fn start(grpc: SocketAddr, http: SocketAddr, data: &Path) -> Self {
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_trellis"))
-            .args([
-                "control",
-                "--grpc",
-                &grpc.to_string(),
-                "--http",
-                &http.to_string(),
-            ])
-            .arg("--data-dir")
-            .arg(data)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        eventually(
-            "control plane answers",
-            Duration::from_secs(10),
-            || async move { tokio::net::TcpStream::connect(http).await.ok().map(|_| ()) },
-        )
-        .await;
-        Self { child }
-    }
-
-    async fn kill9(mut self) {
-        self.child.start_kill().unwrap();
-        self.child.wait().await.unwrap();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxies_keep_serving_through_a_control_plane_outage() {
     let (grpc, http) = (free_port(), free_port());
     let data = temp_dir("outage");
-    let cp = ControlProcess::start(grpc, http, &data).await;
+    let cp =
+        ControlProcess::start(Path::new(env!("CARGO_BIN_EXE_trellis")), grpc, http, &data).await;
     let (_v1_app, _v1) = instance("web-v1", grpc).await;
     let (_v2_app, _v2) = instance("web-v2", grpc).await;
     assert_eq!(apply(http, &split(100, 0)).await.0, 200);
@@ -374,7 +331,8 @@ async fn proxies_keep_serving_through_a_control_plane_outage() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     cp.kill9().await;
     tokio::time::sleep(Duration::from_secs(30)).await;
-    let _cp = ControlProcess::start(grpc, http, &data).await;
+    let _cp =
+        ControlProcess::start(Path::new(env!("CARGO_BIN_EXE_trellis")), grpc, http, &data).await;
     // The restarted control plane remembers its resources and, once proxies reconnect, pushes
     // new changes to them.
     assert_eq!(apply(http, &split(0, 100)).await.0, 200);
@@ -402,7 +360,8 @@ async fn proxies_keep_serving_through_a_control_plane_outage() {
 async fn acknowledged_applies_survive_kill_9() {
     let (grpc, http) = (free_port(), free_port());
     let data = temp_dir("kill9");
-    let cp = ControlProcess::start(grpc, http, &data).await;
+    let cp =
+        ControlProcess::start(Path::new(env!("CARGO_BIN_EXE_trellis")), grpc, http, &data).await;
     let acknowledged = Arc::new(std::sync::Mutex::new(Vec::new()));
     let writer = tokio::spawn({
         let acknowledged = acknowledged.clone();
@@ -444,7 +403,8 @@ async fn acknowledged_applies_survive_kill_9() {
         acked.len()
     );
 
-    let _cp = ControlProcess::start(grpc, http, &data).await;
+    let _cp =
+        ControlProcess::start(Path::new(env!("CARGO_BIN_EXE_trellis")), grpc, http, &data).await;
     let (status, body) = request(http, "GET", "/api/v1/resources/Service", "").await;
     assert_eq!(status, 200);
     let stored: std::collections::HashSet<String> = body["items"]

@@ -56,6 +56,40 @@ impl Drop for SessionGuard {
     }
 }
 
+/// The first message of a session: the registration, with its instance and watch list checked.
+async fn read_register(
+    inbound: &mut Streaming<pb::ProxyMessage>,
+) -> Result<(InstanceInfo, Vec<ServiceName>), Status> {
+    let first = inbound
+        .message()
+        .await?
+        .and_then(|m| m.message)
+        .ok_or_else(|| Status::invalid_argument("the first message must be register"))?;
+    let pb::proxy_message::Message::Register(register) = first else {
+        return Err(Status::invalid_argument(
+            "the first message must be register",
+        ));
+    };
+    let instance = register
+        .instance
+        .ok_or_else(|| Status::invalid_argument("register.instance is required"))?;
+    let instance =
+        InstanceInfo::try_from(instance).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if register.watching.len() > crate::hub::MAX_WATCHES_PER_SESSION {
+        return Err(Status::resource_exhausted(format!(
+            "register.watching has {} services; at most {} may be watched",
+            register.watching.len(),
+            crate::hub::MAX_WATCHES_PER_SESSION
+        )));
+    }
+    let watching = register
+        .watching
+        .iter()
+        .map(|s| service_name(s))
+        .collect::<Result<_, _>>()?;
+    Ok((instance, watching))
+}
+
 #[tonic::async_trait]
 impl pb::proxy_control_server::ProxyControl for ControlService {
     type SessionStream = PushStream;
@@ -64,30 +98,15 @@ impl pb::proxy_control_server::ProxyControl for ControlService {
         &self,
         request: Request<Streaming<pb::ProxyMessage>>,
     ) -> Result<Response<PushStream>, Status> {
+        let peer = request.remote_addr();
         let mut inbound = request.into_inner();
-        let first = inbound
-            .message()
-            .await?
-            .and_then(|m| m.message)
-            .ok_or_else(|| Status::invalid_argument("the first message must be register"))?;
-        let pb::proxy_message::Message::Register(register) = first else {
-            return Err(Status::invalid_argument(
-                "the first message must be register",
-            ));
+        let (instance, watching) = match read_register(&mut inbound).await {
+            Ok(first) => first,
+            Err(status) => {
+                tracing::info!(?peer, code = ?status.code(), reason = status.message(), "refused proxy session");
+                return Err(status);
+            }
         };
-        let instance = register
-            .instance
-            .ok_or_else(|| Status::invalid_argument("register.instance is required"))?;
-        let instance = InstanceInfo::try_from(instance)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let mut watching = Vec::new();
-        for s in register
-            .watching
-            .iter()
-            .take(crate::hub::MAX_WATCHES_PER_SESSION)
-        {
-            watching.push(service_name(s)?);
-        }
 
         let (id, mut pushes) = self.hub.open_session();
         let guard = SessionGuard {

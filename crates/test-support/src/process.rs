@@ -148,3 +148,55 @@ mod tests {
         );
     }
 }
+
+/// A free loopback address: for processes that must come back on the same address after a
+/// restart (everything else binds port 0).
+pub fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+}
+
+/// `trellis control` as a real process (so it can be killed with SIGKILL). Its log is kept
+/// beside the data dir, in `<data>.log`.
+pub struct ControlProcess {
+    child: Child,
+}
+
+impl ControlProcess {
+    pub async fn start(bin: &Path, grpc: SocketAddr, http: SocketAddr, data: &Path) -> Self {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data.with_extension("log"))
+            .expect("open the control plane's log");
+        let child = Command::new(bin)
+            .args(["control", "--grpc", &grpc.to_string()])
+            .args(["--http", &http.to_string()])
+            .arg("--data-dir")
+            .arg(data)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn trellis control");
+        crate::eventually(
+            "control plane answers",
+            Duration::from_secs(10),
+            || async move { tokio::net::TcpStream::connect(http).await.ok().map(|_| ()) },
+        )
+        .await;
+        Self { child }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub async fn kill9(mut self) {
+        self.child.start_kill().expect("kill");
+        self.child.wait().await.expect("wait");
+    }
+}
