@@ -134,21 +134,6 @@ impl ProxyProcess {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_fields_of_the_listening_line() {
-        let line = "2026 INFO trellis_proxy::app: listening service=web outbound=127.0.0.1:1 inbound=127.0.0.1:2 upstreams=a=127.0.0.1:3,b=127.0.0.1:4";
-        assert_eq!(field(line, "outbound").as_deref(), Some("127.0.0.1:1"));
-        assert_eq!(
-            field(line, "upstreams").as_deref(),
-            Some("a=127.0.0.1:3,b=127.0.0.1:4")
-        );
-    }
-}
-
 /// A free loopback address: for processes that must come back on the same address after a
 /// restart (everything else binds port 0).
 pub fn free_port() -> SocketAddr {
@@ -198,5 +183,20 @@ impl ControlProcess {
     pub async fn kill9(mut self) {
         self.child.start_kill().expect("kill");
         self.child.wait().await.expect("wait");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_fields_of_the_listening_line() {
+        let line = "2026 INFO trellis_proxy::app: listening service=web outbound=127.0.0.1:1 inbound=127.0.0.1:2 upstreams=a=127.0.0.1:3,b=127.0.0.1:4";
+        assert_eq!(field(line, "outbound").as_deref(), Some("127.0.0.1:1"));
+        assert_eq!(
+            field(line, "upstreams").as_deref(),
+            Some("a=127.0.0.1:3,b=127.0.0.1:4")
+        );
     }
 }
