@@ -5,14 +5,18 @@
 
 use std::time::Duration;
 
+use trellis_core::authz::InboundPolicy;
 use trellis_core::discovery::{
     DestinationDelta, DiscoveredEndpoint, InstanceInfo, PathRule, RouteMatch, RouteRule,
     RouteTable, WeightedBackend,
 };
 use trellis_core::names::{Namespace, ServiceName};
 use trellis_core::resources::{
-    AppProtocol, DefaultPolicy, MeshConfigSpec, MtlsMode, TracingConfig,
+    AppProtocol, AuthzAction, AuthzRule, AuthzSource, AuthzTarget, DefaultPolicy, MeshConfigSpec,
+    MtlsMode, TracingConfig,
 };
+
+pub mod tls;
 
 #[allow(clippy::all, unreachable_pub, missing_docs)]
 pub mod pb {
@@ -36,6 +40,13 @@ fn err(field: &str, reason: impl std::fmt::Display) -> ApiError {
 
 fn service(field: &str, s: &str) -> Result<ServiceName, ApiError> {
     ServiceName::new(s).map_err(|e| err(field, format!("{s:?} {e}")))
+}
+
+fn namespace(field: &str, s: &str) -> Result<Namespace, ApiError> {
+    if s.is_empty() {
+        return Ok(Namespace::default());
+    }
+    Namespace::new(s).map_err(|e| err(field, format!("{s:?} {e}")))
 }
 
 fn addr(field: &str, s: &str) -> Result<std::net::SocketAddr, ApiError> {
@@ -91,6 +102,7 @@ impl From<&DiscoveredEndpoint> for pb::Endpoint {
             address: e.address.to_string(),
             zone: e.zone.clone(),
             labels: e.labels.clone().into_iter().collect(),
+            namespace: e.namespace.as_str().to_owned(),
         }
     }
 }
@@ -100,6 +112,7 @@ impl TryFrom<pb::Endpoint> for DiscoveredEndpoint {
     fn try_from(e: pb::Endpoint) -> Result<Self, ApiError> {
         Ok(DiscoveredEndpoint {
             address: addr("endpoint.address", &e.address)?,
+            namespace: namespace("endpoint.namespace", &e.namespace)?,
             instance_id: e.instance_id,
             zone: e.zone,
             labels: e.labels.into_iter().collect(),
@@ -264,6 +277,93 @@ impl TryFrom<pb::DestinationUpdate> for DestinationDelta {
 
 // === mesh config ===
 
+impl From<&InboundPolicy> for pb::AuthorizationPolicy {
+    fn from(p: &InboundPolicy) -> Self {
+        pb::AuthorizationPolicy {
+            name: p.name.clone(),
+            namespace: p.namespace.clone(),
+            action: match p.action {
+                AuthzAction::Allow => "ALLOW",
+                AuthzAction::Deny => "DENY",
+                AuthzAction::Audit => "AUDIT",
+            }
+            .into(),
+            route: p.route.clone().unwrap_or_default(),
+            rules: p
+                .rules
+                .iter()
+                .map(|r| pb::AuthzRule {
+                    from: r
+                        .from
+                        .iter()
+                        .map(|f| pb::AuthzSource {
+                            services: f.services.clone(),
+                            namespaces: f.namespaces.clone(),
+                            identities: f.identities.clone(),
+                        })
+                        .collect(),
+                    to: r
+                        .to
+                        .iter()
+                        .map(|t| pb::AuthzTarget {
+                            paths: t.paths.clone(),
+                            methods: t.methods.clone(),
+                            ports: t.ports.iter().map(|p| u32::from(*p)).collect(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl TryFrom<pb::AuthorizationPolicy> for InboundPolicy {
+    type Error = ApiError;
+    fn try_from(p: pb::AuthorizationPolicy) -> Result<Self, ApiError> {
+        let action = match p.action.as_str() {
+            "ALLOW" => AuthzAction::Allow,
+            "DENY" => AuthzAction::Deny,
+            "AUDIT" => AuthzAction::Audit,
+            other => return Err(err("policy.action", format!("{other:?}"))),
+        };
+        let mut rules = Vec::with_capacity(p.rules.len());
+        for r in p.rules {
+            let mut to = Vec::with_capacity(r.to.len());
+            for t in r.to {
+                let ports = t
+                    .ports
+                    .into_iter()
+                    .map(|p| u16::try_from(p).map_err(|_| err("policy.rules.to.ports", p)))
+                    .collect::<Result<_, _>>()?;
+                to.push(AuthzTarget {
+                    paths: t.paths,
+                    methods: t.methods,
+                    ports,
+                });
+            }
+            rules.push(AuthzRule {
+                from: r
+                    .from
+                    .into_iter()
+                    .map(|f| AuthzSource {
+                        services: f.services,
+                        namespaces: f.namespaces,
+                        identities: f.identities,
+                    })
+                    .collect(),
+                to,
+            });
+        }
+        Ok(InboundPolicy {
+            name: p.name,
+            namespace: p.namespace,
+            action,
+            route: (!p.route.is_empty()).then_some(p.route),
+            rules,
+        })
+    }
+}
+
 impl From<&MeshConfigSpec> for pb::MeshConfig {
     fn from(m: &MeshConfigSpec) -> Self {
         pb::MeshConfig {
@@ -328,6 +428,7 @@ mod tests {
             upserted: vec![DiscoveredEndpoint {
                 instance_id: "p-1".into(),
                 address: "127.0.0.1:4143".parse().expect("addr"),
+                namespace: Default::default(),
                 zone: "z1".into(),
                 labels: [("version".to_string(), "v2".to_string())].into(),
             }],

@@ -21,16 +21,51 @@ pub(crate) fn context_path() -> PathBuf {
     base.join("trellis").join("context.json")
 }
 
-pub(crate) fn write_context(control_http: &str) -> std::io::Result<PathBuf> {
+/// Records the control plane and its admin token (owner-readable only: the token is secret).
+pub(crate) fn write_context(control_http: &str, admin_token: &str) -> std::io::Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let path = context_path();
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(
-        &path,
-        serde_json::json!({ "controlHttp": control_http }).to_string(),
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)?;
+    f.write_all(
+        serde_json::json!({ "controlHttp": control_http, "adminToken": admin_token })
+            .to_string()
+            .as_bytes(),
     )?;
     Ok(path)
+}
+
+/// The admin token: `TRELLIS_ADMIN_TOKEN`, else the context file's (when it names the same
+/// control plane), else `./trellis-data/admin-token` (a `trellis control` started here).
+pub(crate) fn resolve_admin_token(base: &str) -> Option<String> {
+    if let Ok(t) = std::env::var("TRELLIS_ADMIN_TOKEN")
+        && !t.trim().is_empty()
+    {
+        return Some(t.trim().to_owned());
+    }
+    let from_context = std::fs::read_to_string(context_path())
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .filter(|v| {
+            v.get("controlHttp")
+                .and_then(|c| c.as_str())
+                .map(|c| c.trim_end_matches('/'))
+                == Some(base)
+        })
+        .and_then(|v| v.get("adminToken")?.as_str().map(str::to_owned));
+    from_context.or_else(|| {
+        std::fs::read_to_string("trellis-data/admin-token")
+            .ok()
+            .map(|t| t.trim().to_owned())
+    })
 }
 
 /// `--control-http`, else `TRELLIS_CONTROL_HTTP` (clap reads both), else the context file,
@@ -58,6 +93,7 @@ pub(crate) enum ClientError {
 
 pub(crate) struct ApiClient {
     base: String,
+    admin_token: Option<String>,
     http: Client<HttpConnector, Full<Bytes>>,
     actor: String,
 }
@@ -69,6 +105,7 @@ impl ApiClient {
         let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
         Self {
+            admin_token: resolve_admin_token(&base),
             base,
             http: Client::builder(TokioExecutor::new()).build(connector),
             actor: format!("{user}@{}", host.trim()),
@@ -83,10 +120,14 @@ impl ApiClient {
         body: Option<String>,
     ) -> Result<(u16, serde_json::Value), ClientError> {
         let uri = format!("{}{path}", self.base);
-        let req = http::Request::builder()
+        let mut req = http::Request::builder()
             .method(method)
             .uri(&uri)
-            .header("x-trellis-actor", &self.actor)
+            .header("x-trellis-actor", &self.actor);
+        if let Some(token) = &self.admin_token {
+            req = req.header("authorization", format!("Bearer {token}"));
+        }
+        let req = req
             .header("content-type", "application/yaml")
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| ClientError::Other(format!("{uri}: {e}")))?;

@@ -225,18 +225,23 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), UpError> {
         "  frontend --HTTP--> orders (90% orders-v1 / 10% orders-v2 canary) --gRPC--> inventory x2\n"
     );
     let mut mesh = Mesh::start(&mesh_file, run_dir).await?;
-    let _ = crate::client::write_context(&format!("http://{}", mesh.control.http_addr));
+    let _ = crate::client::write_context(
+        &format!("http://{}", mesh.control.http_addr),
+        &mesh.control.admin_token,
+    );
     println!("{}", mesh.table());
     println!(
         "Try, in another terminal:  trellis get services   |   trellis get routes   |   trellis get audit\n"
     );
 
-    // The load generator calls the frontend the way an ingress would: at its proxy's inbound.
+    // The load generator calls the frontend from inside the mesh, through a frontend proxy's
+    // outbound (HTTP proxy) listener: proxy-to-proxy traffic is mTLS only, so plaintext at an
+    // inbound port would be refused.
     let frontend: Vec<SocketAddr> = mesh
         .replicas
         .iter()
         .filter(|r| r.service == "frontend")
-        .map(|r| r.inbound)
+        .map(|r| r.outbound)
         .collect();
     let stats = Arc::new(LoadStats::default());
     let generator = tokio::spawn(load(frontend, args.rps, stats.clone()));

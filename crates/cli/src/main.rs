@@ -52,6 +52,9 @@ enum Command {
         #[arg(short = 'n', long, default_value = "default")]
         namespace: String,
     },
+    /// Join tokens: what a proxy presents (`--token-file`) to get its service's identity.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Runs a whole mesh on this machine from one file (control plane, apps, proxies).
     Up {
         #[arg(short = 'f', long = "filename")]
@@ -67,6 +70,27 @@ enum Command {
     ExampleApp(example_app::ExampleArgs),
     /// Prints the version.
     Version,
+}
+
+#[derive(clap::Subcommand)]
+pub(crate) enum TokenCommand {
+    /// Creates a token and prints it (once; only its hash is stored).
+    Create {
+        #[arg(long)]
+        service: String,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        /// How long the token may be used, e.g. 1h, 24h.
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+        /// How many proxies may use it (default: any number until it expires).
+        #[arg(long)]
+        uses: Option<u32>,
+    },
+    /// Lists tokens (never their secrets).
+    List,
+    /// Revokes a token: proxies can no longer use it for a first certificate.
+    Revoke { id: String },
 }
 
 #[derive(clap::Args)]
@@ -86,6 +110,15 @@ struct ControlArgs {
     /// An instance whose proxy sends nothing for this long leaves the registry.
     #[arg(long, env = "TRELLIS_HEARTBEAT_TTL", default_value = "10s")]
     heartbeat_ttl: String,
+    /// Root CA certificate (PEM) to issue from, instead of one created in the data dir.
+    #[arg(long, env = "TRELLIS_CA_CERT", requires = "ca_key")]
+    ca_cert: Option<std::path::PathBuf>,
+    /// Private key (PKCS#8 PEM) of --ca-cert.
+    #[arg(long, env = "TRELLIS_CA_KEY", requires = "ca_cert")]
+    ca_key: Option<std::path::PathBuf>,
+    /// Lifetime of workload certificates (proxies renew at about 70%); at least 1m.
+    #[arg(long, env = "TRELLIS_CERT_TTL", default_value = "24h")]
+    cert_ttl: String,
     /// Log filter.
     #[arg(long, env = "TRELLIS_LOG_LEVEL", default_value = "info")]
     log_level: String,
@@ -167,6 +200,7 @@ fn main() -> ExitCode {
             name,
             namespace,
         } => rt.block_on(resources::delete(&api(), kind, name, namespace)),
+        Command::Token(cmd) => rt.block_on(resources::token(&api(), cmd)),
     };
     match result {
         Ok(code) => code,
@@ -210,12 +244,21 @@ async fn run_control(args: &ControlArgs) -> ExitCode {
             return ExitCode::from(64);
         }
     };
+    let workload_cert_ttl = match trellis_core::duration::parse_duration(&args.cert_ttl) {
+        Ok(d) if d >= trellis_control::ca::MIN_WORKLOAD_TTL => d,
+        _ => {
+            eprintln!(
+                "trellis control: invalid configuration: --cert-ttl: must be a duration of at least 1m"
+            );
+            return ExitCode::from(64);
+        }
+    };
     let config = trellis_control::ControlConfig {
-        grpc_addr,
-        http_addr,
-        data_dir: args.data_dir.clone(),
         trust_domain: args.trust_domain.clone(),
         heartbeat_ttl,
+        ca: args.ca_cert.clone().zip(args.ca_key.clone()),
+        workload_cert_ttl,
+        ..trellis_control::ControlConfig::new(grpc_addr, http_addr, args.data_dir.clone())
     };
     let running = match trellis_control::start(config).await {
         Ok(r) => r,

@@ -329,6 +329,68 @@ pub(crate) async fn delete(
     Ok(ExitCode::SUCCESS)
 }
 
+pub(crate) async fn token(
+    api: &ApiClient,
+    cmd: &crate::TokenCommand,
+) -> Result<ExitCode, ClientError> {
+    let (status, body) = match cmd {
+        crate::TokenCommand::Create {
+            service,
+            namespace,
+            ttl,
+            uses,
+        } => {
+            let req = serde_json::json!({
+                "service": service, "namespace": namespace, "ttl": ttl, "maxUses": uses,
+            });
+            api.call(Method::POST, "/api/v1/tokens", Some(req.to_string()))
+                .await?
+        }
+        crate::TokenCommand::List => api.call(Method::GET, "/api/v1/tokens", None).await?,
+        crate::TokenCommand::Revoke { id } => {
+            api.call(Method::DELETE, &format!("/api/v1/tokens/{id}"), None)
+                .await?
+        }
+    };
+    if status != 200 {
+        print_errors(&body);
+        return Ok(ExitCode::from(1));
+    }
+    match cmd {
+        crate::TokenCommand::Create { .. } => {
+            println!("{}", body["token"].as_str().unwrap_or_default());
+        }
+        crate::TokenCommand::List => {
+            let mut rows = Vec::new();
+            for t in body["tokens"].as_array().into_iter().flatten() {
+                let expires = t["expires"].as_i64().unwrap_or(0).max(0) as u64;
+                rows.push(vec![
+                    t["id"].as_str().unwrap_or_default().to_owned(),
+                    t["service"].as_str().unwrap_or_default().to_owned(),
+                    t["namespace"].as_str().unwrap_or_default().to_owned(),
+                    trellis_core::time::rfc3339(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(expires),
+                    ),
+                    match t["maxUses"].as_u64() {
+                        Some(max) => format!("{}/{max}", t["uses"]),
+                        None => t["uses"].to_string(),
+                    },
+                    t["revoked"].to_string(),
+                ]);
+            }
+            print!(
+                "{}",
+                table(
+                    &["ID", "SERVICE", "NAMESPACE", "EXPIRES", "USES", "REVOKED"],
+                    rows
+                )
+            );
+        }
+        crate::TokenCommand::Revoke { id } => println!("token {id} revoked"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -175,13 +175,11 @@ impl Mesh {
         std::fs::create_dir_all(&run_dir)
             .map_err(|e| UpError::Failed(format!("{}: {e}", run_dir.display())))?;
         let proxy_bin = sibling_binary("trellis-proxy")?;
-        let control = trellis_control::start(trellis_control::ControlConfig {
-            grpc_addr: free_port().await?,
-            http_addr: free_port().await?,
-            data_dir: run_dir.join("control-data"),
-            trust_domain: "trellis.local".into(),
-            heartbeat_ttl: Duration::from_secs(10),
-        })
+        let control = trellis_control::start(trellis_control::ControlConfig::new(
+            free_port().await?,
+            free_port().await?,
+            run_dir.join("control-data"),
+        ))
         .await
         .map_err(|e| UpError::Failed(format!("control plane: {e}")))?;
         let mut this = Mesh {
@@ -231,10 +229,32 @@ impl Mesh {
         );
         let id = format!("{}-{index}", svc.name);
         let proxy_log = self.run_dir.join(format!("{id}.proxy.log"));
+        // One single-use join token per proxy, readable by this user only.
+        let token_file = self.run_dir.join(format!("{id}.token"));
+        let service = trellis_core::ServiceName::new(svc.name.as_str())
+            .map_err(|e| UpError::Failed(format!("service {}: {e}", svc.name)))?;
+        let (token, _) = self
+            .control
+            .tokens
+            .create(
+                &service,
+                &trellis_core::Namespace::default(),
+                Duration::from_secs(3600),
+                Some(1),
+            )
+            .map_err(|e| UpError::Failed(format!("join token: {e}")))?;
+        write_private(&token_file, &token)?;
+        let bundle_file = self.run_dir.join("trust-bundle.pem");
+        std::fs::write(&bundle_file, self.control.ca.bundle_pem())
+            .map_err(|e| UpError::Failed(format!("{}: {e}", bundle_file.display())))?;
         let mut proxy = Command::new(proxy_bin);
         proxy
             .args(["--service", &svc.name, "--instance", &id])
             .args(["--control", &self.control.grpc_addr.to_string()])
+            .arg("--token-file")
+            .arg(&token_file)
+            .arg("--trust-bundle")
+            .arg(&bundle_file)
             .args(["--app", &app.to_string(), "--inbound", &inbound.to_string()])
             .args([
                 "--outbound",
@@ -400,7 +420,10 @@ pub(crate) async fn run(file: &Path, run_dir: Option<PathBuf>) -> Result<(), UpE
     let run_dir = run_dir
         .unwrap_or_else(|| std::env::temp_dir().join(format!("trellis-up-{}", std::process::id())));
     let mut running = Mesh::start(&mesh, run_dir).await?;
-    let context = crate::client::write_context(&format!("http://{}", running.control.http_addr));
+    let context = crate::client::write_context(
+        &format!("http://{}", running.control.http_addr),
+        &running.control.admin_token,
+    );
     println!("{}", running.table());
     if let Ok(path) = context {
         println!(
@@ -413,4 +436,17 @@ pub(crate) async fn run(file: &Path, run_dir: Option<PathBuf>) -> Result<(), UpE
     println!("stopping...");
     running.stop().await;
     Ok(())
+}
+
+fn write_private(path: &Path, contents: &str) -> Result<(), UpError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(contents.as_bytes()))
+        .map_err(|e| UpError::Failed(format!("{}: {e}", path.display())))
 }

@@ -88,7 +88,8 @@ fn up_serves_traffic_and_sigterm_leaves_nothing_behind() {
     for line in lines.by_ref() {
         let line = line.unwrap();
         if line.starts_with("frontend ") {
-            frontend_inbound = line.split_whitespace().nth(3).map(str::to_owned);
+            // The HTTP_PROXY column: inbound ports take mTLS only.
+            frontend_inbound = line.split_whitespace().nth(4).map(str::to_owned);
         }
         if line.starts_with("Press Ctrl-C") {
             break;

@@ -17,6 +17,7 @@ use trellis_proxy::app::Running;
 use trellis_proxy::config::{Args, ProxyConfig};
 use trellis_test_support::eventually;
 use trellis_test_support::http_server::{self, HttpServer};
+use trellis_test_support::mesh::ControlPlane;
 use trellis_test_support::process::{ControlProcess, ProxyProcess, free_port};
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -25,26 +26,29 @@ fn temp_dir(name: &str) -> PathBuf {
     d
 }
 
-async fn control(name: &str) -> trellis_control::Running {
-    trellis_control::start(trellis_control::ControlConfig {
-        grpc_addr: "127.0.0.1:0".parse().unwrap(),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        data_dir: temp_dir(name),
-        trust_domain: "trellis.local".into(),
-        heartbeat_ttl: Duration::from_secs(10),
-    })
+async fn control(name: &str) -> (trellis_control::Running, ControlPlane) {
+    let data = temp_dir(name);
+    let running = trellis_control::start(trellis_control::ControlConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+        data.clone(),
+    ))
     .await
-    .unwrap()
+    .unwrap();
+    let cp = ControlPlane {
+        grpc: running.grpc_addr,
+        http: running.http_addr,
+        data,
+    };
+    (running, cp)
 }
 
-async fn proxy(service: &str, control: SocketAddr, extra: &[&str]) -> Running {
-    let grpc = control.to_string();
+async fn proxy(service: &str, cp: &ControlPlane, extra: &[&str]) -> Running {
+    let join = cp.join_args(service).await;
     let mut argv = vec![
         "trellis-proxy",
         "--service",
         service,
-        "--control",
-        &grpc,
         "--outbound",
         "127.0.0.1:0",
         "--inbound",
@@ -54,6 +58,7 @@ async fn proxy(service: &str, control: SocketAddr, extra: &[&str]) -> Running {
         "--shutdown-grace",
         "100ms",
     ];
+    argv.extend(join.iter().map(String::as_str));
     argv.extend_from_slice(extra);
     let config = ProxyConfig::from_args(Args::try_parse_from(argv).unwrap()).unwrap();
     trellis_proxy::app::start(config, Arc::new(trellis_proxy::logging::Fixed::default()))
@@ -62,14 +67,18 @@ async fn proxy(service: &str, control: SocketAddr, extra: &[&str]) -> Running {
 }
 
 /// An app plus its proxy registered with the control plane.
-async fn instance(service: &str, control: SocketAddr) -> (HttpServer, Running) {
+async fn instance(service: &str, cp: &ControlPlane) -> (HttpServer, Running) {
     let app = http_server::spawn(service).await;
-    let p = proxy(service, control, &["--app", &app.addr.to_string()]).await;
+    let p = proxy(service, cp, &["--app", &app.addr.to_string()]).await;
     (app, p)
 }
 
-async fn apply(api: SocketAddr, yaml: &str) -> (u16, serde_json::Value) {
-    request(api, "POST", "/api/v1/apply", yaml).await
+async fn apply(cp: &ControlPlane, yaml: &str) -> (u16, serde_json::Value) {
+    let (status, body) = cp.apply(yaml).await;
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+    )
 }
 
 async fn request(
@@ -146,12 +155,12 @@ impl Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weighted_split_lands_and_changes_take_effect() {
-    let cp = control("split").await;
-    let (_v1_app, _v1) = instance("web-v1", cp.grpc_addr).await;
-    let (_v2_app, _v2) = instance("web-v2", cp.grpc_addr).await;
-    let (status, body) = apply(cp.http_addr, &split(80, 20)).await;
+    let (_running, cp) = control("split").await;
+    let (_v1_app, _v1) = instance("web-v1", &cp).await;
+    let (_v2_app, _v2) = instance("web-v2", &cp).await;
+    let (status, body) = apply(&cp, &split(80, 20)).await;
     assert_eq!(status, 200, "{body}");
-    let client = proxy("client", cp.grpc_addr, &["--upstream", "web=127.0.0.1:0"]).await;
+    let client = proxy("client", &cp, &["--upstream", "web=127.0.0.1:0"]).await;
     let up = client.bound.upstreams[&trellis_core::ServiceName::new("web").unwrap()];
 
     // Both backends are registered and routed before counting.
@@ -185,7 +194,7 @@ async fn weighted_split_lands_and_changes_take_effect() {
         "v2 share {v2} not within 20% ± 5%"
     );
 
-    let (status, _) = apply(cp.http_addr, &split(0, 100)).await;
+    let (status, _) = apply(&cp, &split(0, 100)).await;
     assert_eq!(status, 200);
     let changed = Instant::now();
     eventually(
@@ -214,40 +223,29 @@ fn proxy_bin() -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_instance_stops_receiving_traffic() {
-    let cp = control("kill").await;
-    let grpc = cp.grpc_addr.to_string();
+    let (_running, cp) = control("kill").await;
+    let (join_a, join_b) = (cp.join_args("backend").await, cp.join_args("backend").await);
     let app_a = http_server::spawn("backend-a").await;
     let app_b = http_server::spawn("backend-b").await;
     let _a = ProxyProcess::spawn(
         &proxy_bin(),
         &[
-            "--service",
-            "backend",
-            "--control",
-            &grpc,
-            "--app",
-            &app_a.addr.to_string(),
-        ],
+            &["--service", "backend", "--app", &app_a.addr.to_string()],
+            &join_a.iter().map(String::as_str).collect::<Vec<_>>()[..],
+        ]
+        .concat(),
     )
     .await;
     let b = ProxyProcess::spawn(
         &proxy_bin(),
         &[
-            "--service",
-            "backend",
-            "--control",
-            &grpc,
-            "--app",
-            &app_b.addr.to_string(),
-        ],
+            &["--service", "backend", "--app", &app_b.addr.to_string()],
+            &join_b.iter().map(String::as_str).collect::<Vec<_>>()[..],
+        ]
+        .concat(),
     )
     .await;
-    let client = proxy(
-        "client",
-        cp.grpc_addr,
-        &["--upstream", "backend=127.0.0.1:0"],
-    )
-    .await;
+    let client = proxy("client", &cp, &["--upstream", "backend=127.0.0.1:0"]).await;
     let up = client.bound.upstreams[&trellis_core::ServiceName::new("backend").unwrap()];
     eventually(
         "both instances serve",
@@ -291,12 +289,17 @@ async fn a_killed_instance_stops_receiving_traffic() {
 async fn proxies_keep_serving_through_a_control_plane_outage() {
     let (grpc, http) = (free_port(), free_port());
     let data = temp_dir("outage");
-    let cp =
+    let process =
         ControlProcess::start(Path::new(env!("CARGO_BIN_EXE_trellis")), grpc, http, &data).await;
-    let (_v1_app, _v1) = instance("web-v1", grpc).await;
-    let (_v2_app, _v2) = instance("web-v2", grpc).await;
-    assert_eq!(apply(http, &split(100, 0)).await.0, 200);
-    let client = proxy("client", grpc, &["--upstream", "web=127.0.0.1:0"]).await;
+    let cp = ControlPlane {
+        grpc,
+        http,
+        data: data.clone(),
+    };
+    let (_v1_app, _v1) = instance("web-v1", &cp).await;
+    let (_v2_app, _v2) = instance("web-v2", &cp).await;
+    assert_eq!(apply(&cp, &split(100, 0)).await.0, 200);
+    let client = proxy("client", &cp, &["--upstream", "web=127.0.0.1:0"]).await;
     let up = client.bound.upstreams[&trellis_core::ServiceName::new("web").unwrap()];
     eventually(
         "traffic flows to web-v1",
@@ -329,13 +332,13 @@ async fn proxies_keep_serving_through_a_control_plane_outage() {
     // The control plane persists its registry within ~100 ms of a change; give it that (a
     // crash right after a registration forgets it until the proxy reconnects).
     tokio::time::sleep(Duration::from_secs(1)).await;
-    cp.kill9().await;
+    process.kill9().await;
     tokio::time::sleep(Duration::from_secs(30)).await;
     let _cp =
         ControlProcess::start(Path::new(env!("CARGO_BIN_EXE_trellis")), grpc, http, &data).await;
     // The restarted control plane remembers its resources and, once proxies reconnect, pushes
     // new changes to them.
-    assert_eq!(apply(http, &split(0, 100)).await.0, 200);
+    assert_eq!(apply(&cp, &split(0, 100)).await.0, 200);
     let changed = Instant::now();
     eventually("the change made after the restart reaches the client", Duration::from_secs(20), || async move {
         (Client::connect(up).await.get("web", "/").await.1 == "web-v2").then_some(())
@@ -362,6 +365,12 @@ async fn acknowledged_applies_survive_kill_9() {
     let data = temp_dir("kill9");
     let cp =
         ControlProcess::start(Path::new(env!("CARGO_BIN_EXE_trellis")), grpc, http, &data).await;
+    let admin = ControlPlane {
+        grpc,
+        http,
+        data: data.clone(),
+    }
+    .admin_token();
     let acknowledged = Arc::new(std::sync::Mutex::new(Vec::new()));
     let writer = tokio::spawn({
         let acknowledged = acknowledged.clone();
@@ -382,6 +391,7 @@ async fn acknowledged_applies_survive_kill_9() {
                 tokio::spawn(conn);
                 let req = http::Request::post("/api/v1/apply")
                     .header("host", "c")
+                    .header("authorization", format!("Bearer {admin}"))
                     .body(Full::new(Bytes::from(yaml)))
                     .unwrap();
                 match sender.send_request(req).await {

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tonic::Code;
 use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use trellis_api::pb;
+use trellis_test_support::mesh::ControlPlane;
 use trellis_test_support::process::{ControlProcess, free_port};
 
 fn data_dir() -> PathBuf {
@@ -43,17 +44,83 @@ fn heartbeat() -> pb::ProxyMessage {
     }
 }
 
+/// A gRPC channel over TLS to the control plane, as `service` (with a certificate obtained
+/// through a join token), or anonymous.
+async fn channel(cp: &ControlPlane, service: Option<&str>) -> tonic::transport::Channel {
+    let bundle = std::fs::read(cp.bundle_path()).unwrap();
+    let roots = trellis_api::tls::root_store(&bundle).unwrap();
+    let cert = match service {
+        None => None,
+        Some(service) => {
+            let token = std::fs::read_to_string(cp.token_file(service, "").await).unwrap();
+            let (key, csr) = trellis_proxy::identity::new_key_and_csr(&identity(service)).unwrap();
+            let mut client = pb::proxy_control_client::ProxyControlClient::new(
+                channel_with(cp.grpc, roots.clone(), None).await,
+            );
+            let rsp = client
+                .certify(pb::CertifyRequest {
+                    csr_pem: csr,
+                    token,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let key =
+                trellis_api::tls::certified_key(rsp.cert_chain_pem.as_bytes(), key.as_bytes())
+                    .unwrap();
+            Some(trellis_api::tls::CertResolver::new(key))
+        }
+    };
+    channel_with(cp.grpc, roots, cert).await
+}
+
+fn identity(service: &str) -> trellis_core::identity::SpiffeId {
+    trellis_core::identity::SpiffeId::new(
+        "trellis.local",
+        trellis_core::Namespace::default(),
+        trellis_core::ServiceName::new(service).unwrap(),
+    )
+}
+
+async fn channel_with(
+    grpc: SocketAddr,
+    roots: std::sync::Arc<rustls::RootCertStore>,
+    cert: Option<std::sync::Arc<trellis_api::tls::CertResolver>>,
+) -> tonic::transport::Channel {
+    let config = trellis_api::tls::client_config(
+        roots,
+        trellis_core::identity::SpiffeId::control_plane("trellis.local"),
+        cert,
+    )
+    .unwrap();
+    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+        let config = config.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(grpc).await?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(trellis_api::tls::server_name(), tcp)
+                .await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+        .unwrap()
+        .connect_with_connector(connector)
+        .await
+        .unwrap()
+}
+
 /// Opens a session that sends `messages` (and keeps the stream open); returns the status the
 /// control plane ended it with, or `None` if it is still open after a second.
-async fn session_status(grpc: SocketAddr, messages: Vec<pb::ProxyMessage>) -> Option<Code> {
+async fn session_status(
+    channel: tonic::transport::Channel,
+    messages: Vec<pb::ProxyMessage>,
+) -> Option<Code> {
     let (tx, rx) = mpsc::channel(16);
     for m in messages {
         tx.send(m).await.unwrap();
     }
-    let mut client =
-        pb::proxy_control_client::ProxyControlClient::connect(format!("http://{grpc}"))
-            .await
-            .unwrap();
+    let mut client = pb::proxy_control_client::ProxyControlClient::new(channel);
     let outcome = tokio::time::timeout(Duration::from_secs(1), async {
         match client.session(ReceiverStream::new(rx)).await {
             Err(status) => status.code(),
@@ -102,23 +169,23 @@ async fn rogue_clients_are_refused_and_the_control_plane_stays_up() {
     let mut cp =
         ControlProcess::start(Path::new(env!("CARGO_BIN_EXE_trellis")), grpc, http, &data).await;
 
-    let applied = http_call(
+    let cpl = ControlPlane {
+        grpc,
         http,
-        "POST",
-        "/api/v1/apply",
+        data: data.clone(),
+    };
+    let applied = cpl.apply(
         "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {name: api}\nspec: {ports: [{port: 80, appProtocol: http}]}\n",
     )
     .await;
-    assert!(applied.starts_with("HTTP/1.1 200"), "{applied}");
+    assert_eq!(applied.0, 200, "{applied:?}");
 
     // A good proxy, connected throughout.
     let good = {
         let (tx, rx) = mpsc::channel(16);
         tx.send(register("api", "api-good")).await.unwrap();
         let mut client =
-            pb::proxy_control_client::ProxyControlClient::connect(format!("http://{grpc}"))
-                .await
-                .unwrap();
+            pb::proxy_control_client::ProxyControlClient::new(channel(&cpl, Some("api")).await);
         let stream = client
             .session(ReceiverStream::new(rx))
             .await
@@ -127,19 +194,78 @@ async fn rogue_clients_are_refused_and_the_control_plane_stays_up() {
         (tx, stream)
     };
 
+    // No certificate: no session. A certificate of "api" claiming to be "payments": refused.
+    assert_eq!(
+        session_status(channel(&cpl, None).await, vec![register("api", "api-anon")]).await,
+        Some(Code::Unauthenticated)
+    );
+    assert_eq!(
+        session_status(
+            channel(&cpl, Some("api")).await,
+            vec![register("payments", "p-0")]
+        )
+        .await,
+        Some(Code::PermissionDenied)
+    );
+    // A token for "api" cannot buy the identity of "payments"; a garbage token buys nothing.
+    let token = std::fs::read_to_string(cpl.token_file("api", "").await).unwrap();
+    let mut anon = pb::proxy_control_client::ProxyControlClient::new(channel(&cpl, None).await);
+    let (_, csr) = trellis_proxy::identity::new_key_and_csr(&identity("payments")).unwrap();
+    let refused = anon
+        .certify(pb::CertifyRequest {
+            csr_pem: csr.clone(),
+            token: token.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    let refused = anon
+        .certify(pb::CertifyRequest {
+            csr_pem: csr,
+            token: "trellis-00.00".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    // A used-up single-use token is refused (a replay).
+    let once = std::fs::read_to_string(cpl.token_file("api", ",\"maxUses\":1").await).unwrap();
+    let (_, csr) = trellis_proxy::identity::new_key_and_csr(&identity("api")).unwrap();
+    anon.certify(pb::CertifyRequest {
+        csr_pem: csr.clone(),
+        token: once.clone(),
+    })
+    .await
+    .unwrap();
+    let replay = anon
+        .certify(pb::CertifyRequest {
+            csr_pem: csr,
+            token: once,
+        })
+        .await
+        .unwrap_err();
+    assert!(replay.message().contains("already used"), "{replay:?}");
+
     // Out of order: the first message must be a registration.
     assert_eq!(
-        session_status(grpc, vec![heartbeat()]).await,
+        session_status(channel(&cpl, Some("api")).await, vec![heartbeat()]).await,
         Some(Code::InvalidArgument)
     );
     // An empty message.
     assert_eq!(
-        session_status(grpc, vec![pb::ProxyMessage { message: None }]).await,
+        session_status(
+            channel(&cpl, Some("api")).await,
+            vec![pb::ProxyMessage { message: None }]
+        )
+        .await,
         Some(Code::InvalidArgument)
     );
     // Invalid instance fields: a service name that breaks DNS rules, a missing address.
     assert_eq!(
-        session_status(grpc, vec![register("Not_A_Name", "x")]).await,
+        session_status(
+            channel(&cpl, Some("api")).await,
+            vec![register("Not_A_Name", "x")]
+        )
+        .await,
         Some(Code::InvalidArgument)
     );
     let mut no_address = register("api", "api-no-address");
@@ -147,13 +273,13 @@ async fn rogue_clients_are_refused_and_the_control_plane_stays_up() {
         r.instance.as_mut().unwrap().address = "not an address".into();
     }
     assert_eq!(
-        session_status(grpc, vec![no_address]).await,
+        session_status(channel(&cpl, Some("api")).await, vec![no_address]).await,
         Some(Code::InvalidArgument)
     );
     // Registering twice ends the session, and its instance leaves the registry.
     assert_eq!(
         session_status(
-            grpc,
+            channel(&cpl, Some("api")).await,
             vec![register("api", "api-twice"), register("api", "api-twice")]
         )
         .await,
@@ -165,7 +291,7 @@ async fn rogue_clients_are_refused_and_the_control_plane_stays_up() {
         r.watching = (0..20_000).map(|i| format!("service-{i}")).collect();
     }
     assert_eq!(
-        session_status(grpc, vec![greedy]).await,
+        session_status(channel(&cpl, Some("api")).await, vec![greedy]).await,
         Some(Code::ResourceExhausted)
     );
     let mut huge = register("api", "api-huge");
@@ -173,10 +299,10 @@ async fn rogue_clients_are_refused_and_the_control_plane_stays_up() {
         r.watching = vec!["x".repeat(5 << 20)];
     }
     assert_eq!(
-        session_status(grpc, vec![huge]).await,
+        session_status(channel(&cpl, Some("api")).await, vec![huge]).await,
         Some(Code::OutOfRange)
     );
-    // Garbage bytes instead of HTTP/2, and a half-sent HTTP/2 preface.
+    // Garbage bytes instead of TLS, a half-sent TLS hello, plaintext HTTP/2.
     for junk in [
         &b"\x16\x03\x01\x02\x00garbage-garbage"[..],
         b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\xff\xff\xff",
@@ -184,7 +310,8 @@ async fn rogue_clients_are_refused_and_the_control_plane_stays_up() {
         let mut s = tokio::net::TcpStream::connect(grpc).await.unwrap();
         s.write_all(junk).await.unwrap();
         let mut buf = [0u8; 256];
-        let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+        let read = tokio::time::timeout(Duration::from_secs(12), s.read(&mut buf)).await;
+        // A partial TLS record is waited for up to the 10 s handshake deadline, then closed.
         assert!(
             read.is_ok(),
             "the control plane must answer or close, not hang"

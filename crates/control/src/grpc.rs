@@ -6,29 +6,51 @@
 //! moments; a proxy that hangs with its connection open is expired by heartbeat TTL.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
 
 use tokio::sync::mpsc;
 use tonic::codegen::tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use trellis_api::pb;
 use trellis_core::discovery::InstanceInfo;
+use trellis_core::identity::SpiffeId;
 use trellis_core::names::ServiceName;
 
+use crate::ca::{Ca, CaError};
 use crate::hub::{Hub, Push, SessionId};
+use crate::tls_server::PeerInfo;
+use crate::tokens::Tokens;
 
 pub struct ControlService {
     hub: Hub,
     heartbeat_interval: Duration,
     heartbeat_ttl: Duration,
+    ca: Arc<Ca>,
+    tokens: Arc<Tokens>,
+    trust_domain: String,
+    certificates_issued: Counter,
 }
 
 impl ControlService {
-    pub fn new(hub: Hub, heartbeat_ttl: Duration) -> Self {
+    pub fn new(
+        hub: Hub,
+        heartbeat_ttl: Duration,
+        ca: Arc<Ca>,
+        tokens: Arc<Tokens>,
+        trust_domain: String,
+        certificates_issued: Counter,
+    ) -> Self {
         Self {
             hub,
             heartbeat_interval: heartbeat_ttl / 3,
             heartbeat_ttl,
+            ca,
+            tokens,
+            trust_domain,
+            certificates_issued,
         }
     }
 
@@ -53,6 +75,14 @@ struct SessionGuard {
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         self.hub.close_session(self.id);
+    }
+}
+
+fn ca_status(e: CaError) -> Status {
+    match e {
+        CaError::WrongIdentity { .. } => Status::permission_denied(e.to_string()),
+        e if e.is_callers_fault() => Status::invalid_argument(e.to_string()),
+        e => Status::internal(e.to_string()),
     }
 }
 
@@ -94,13 +124,89 @@ async fn read_register(
 impl pb::proxy_control_server::ProxyControl for ControlService {
     type SessionStream = PushStream;
 
+    async fn certify(
+        &self,
+        request: Request<pb::CertifyRequest>,
+    ) -> Result<Response<pb::CertifyResponse>, Status> {
+        let peer = request.extensions().get::<PeerInfo>().cloned();
+        let remote = peer.as_ref().map(|p| p.remote);
+        let renewing = peer.and_then(|p| p.identity);
+        let req = request.into_inner();
+        let (ca, tokens, td) = (
+            self.ca.clone(),
+            self.tokens.clone(),
+            self.trust_domain.clone(),
+        );
+        // Token redemption writes to the store: off the async threads.
+        let outcome = tokio::task::spawn_blocking(move || -> Result<_, Status> {
+            let asked = Ca::requested_identity(&req.csr_pem).map_err(ca_status)?;
+            let allowed = match renewing {
+                // Renewal over mTLS: the same identity, nothing else.
+                Some(id) => id,
+                None if req.token.is_empty() => {
+                    return Err(Status::unauthenticated(
+                        "a join token (--token-file) or a current certificate is required",
+                    ));
+                }
+                None => {
+                    let (ns, svc) = tokens.redeem(&req.token).map_err(|e| {
+                        if e.is_callers_fault() {
+                            Status::unauthenticated(e.to_string())
+                        } else {
+                            Status::internal(e.to_string())
+                        }
+                    })?;
+                    SpiffeId::new(&td, ns, svc)
+                }
+            };
+            let issued = ca.sign(&req.csr_pem, &allowed).map_err(ca_status)?;
+            Ok((asked, issued, ca.bundle_pem().to_owned()))
+        })
+        .await
+        .map_err(|_| Status::internal("signing failed"))?;
+        let (identity, issued, bundle) = match outcome {
+            Ok(v) => v,
+            Err(status) => {
+                tracing::info!(?remote, code = ?status.code(), reason = status.message(), "refused certificate request");
+                return Err(status);
+            }
+        };
+        self.certificates_issued.inc();
+        tracing::info!(?remote, %identity, serial = %issued.serial, expires = issued.not_after_unix, "issued workload certificate");
+        Ok(Response::new(pb::CertifyResponse {
+            cert_chain_pem: issued.chain_pem,
+            trust_bundle_pem: bundle,
+            expires_unix: issued.not_after_unix,
+        }))
+    }
+
     async fn session(
         &self,
         request: Request<Streaming<pb::ProxyMessage>>,
     ) -> Result<Response<PushStream>, Status> {
-        let peer = request.remote_addr();
+        let info = request.extensions().get::<PeerInfo>().cloned();
+        let peer = info.as_ref().map(|p| p.remote);
+        let identity = info.and_then(|p| p.identity);
         let mut inbound = request.into_inner();
-        let (instance, watching) = match read_register(&mut inbound).await {
+        let checked = match identity {
+            None => Err(Status::unauthenticated(
+                "a session needs a client certificate (obtain one with Certify)",
+            )),
+            Some(id) => read_register(&mut inbound)
+                .await
+                .and_then(|(instance, watching)| {
+                    if instance.service == id.service && instance.namespace == id.namespace {
+                        Ok((instance, watching))
+                    } else {
+                        Err(Status::permission_denied(format!(
+                            "the instance claims service {}/{} but the certificate is {id}",
+                            instance.namespace.as_str(),
+                            instance.service.as_str()
+                        )))
+                    }
+                }),
+        };
+        let (instance, watching) = match checked {
             Ok(first) => first,
             Err(status) => {
                 tracing::info!(?peer, code = ?status.code(), reason = status.message(), "refused proxy session");
@@ -139,6 +245,12 @@ impl pb::proxy_control_server::ProxyControl for ControlService {
                 let msg = match push {
                     Push::Destination(d) => pb::control_message::Message::Destination((&d).into()),
                     Push::MeshConfig(m) => pb::control_message::Message::MeshConfig((&m).into()),
+                    Push::Inbound(v) => {
+                        pb::control_message::Message::InboundPolicy(pb::InboundPolicy {
+                            policies: v.policies.iter().map(Into::into).collect(),
+                            routes: Some((&v.routes).into()),
+                        })
+                    }
                 };
                 if out
                     .send(Ok(pb::ControlMessage { message: Some(msg) }))

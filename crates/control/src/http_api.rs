@@ -14,13 +14,19 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use trellis_core::resources::{Kind, ResourceKey, parse_documents, referenced_services};
 
+use crate::ca::Ca;
 use crate::hub::Hub;
 use crate::store::{Store, StoreError};
+use crate::tokens::Tokens;
 
 pub struct ApiState {
     pub store: Arc<dyn Store>,
     pub hub: Hub,
     pub registry: Registry,
+    /// Required (as `Authorization: Bearer`) for every write and for join tokens.
+    pub admin_token: String,
+    pub tokens: Arc<Tokens>,
+    pub ca: Arc<Ca>,
 }
 
 type Shared = Arc<ApiState>;
@@ -39,10 +45,131 @@ pub fn router(state: Shared) -> Router {
         )
         .route("/api/v1/audit", get(audit))
         .route("/api/v1/services", get(services))
+        .route("/api/v1/tokens", get(list_tokens).post(create_token))
+        .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
+        .route("/api/v1/ca/bundle", get(trust_bundle))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_admin,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(
             trellis_core::resources::MAX_APPLY_BYTES + 1024,
         ))
         .with_state(state)
+}
+
+/// Writes and anything secret need the admin token; reads of configuration do not.
+async fn require_admin(
+    State(st): State<Shared>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let read_only = matches!(request.method().as_str(), "GET" | "HEAD");
+    let secret = request.uri().path().starts_with("/api/v1/tokens");
+    if read_only && !secret {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Compare digests so the comparison's timing says nothing about the token.
+    let digest = |s: &str| ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
+    if presented.is_empty() || digest(presented).as_ref() != digest(&st.admin_token).as_ref() {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "this needs the admin token (Authorization: Bearer <token>); it is in <data-dir>/admin-token, and the CLI finds it through the context `trellis up` writes or TRELLIS_ADMIN_TOKEN",
+        );
+    }
+    next.run(request).await
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct TokenRequest {
+    service: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    /// e.g. `24h`.
+    #[serde(default)]
+    ttl: Option<String>,
+    #[serde(default)]
+    max_uses: Option<u32>,
+}
+
+async fn create_token(State(st): State<Shared>, body: Bytes) -> Response {
+    let req: TokenRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("token request: {e}")),
+    };
+    let service = match trellis_core::ServiceName::new(req.service.as_str()) {
+        Ok(s) => s,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("service: {e}")),
+    };
+    let namespace = match req.namespace.as_deref().map(trellis_core::Namespace::new) {
+        None => trellis_core::Namespace::default(),
+        Some(Ok(ns)) => ns,
+        Some(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("namespace: {e}")),
+    };
+    let ttl = match req
+        .ttl
+        .as_deref()
+        .map(trellis_core::duration::parse_duration)
+    {
+        None => std::time::Duration::from_secs(24 * 3600),
+        Some(Ok(d)) => d,
+        Some(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("ttl: {e}")),
+    };
+    let tokens = st.tokens.clone();
+    let created =
+        tokio::task::spawn_blocking(move || tokens.create(&service, &namespace, ttl, req.max_uses))
+            .await;
+    match created {
+        Ok(Ok((token, record))) => {
+            tracing::info!(id = %record.id, service = %record.service, namespace = %record.namespace, "join token created");
+            axum::Json(json!({ "token": token, "record": redacted(&record) })).into_response()
+        }
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "token creation failed"),
+    }
+}
+
+fn redacted(t: &crate::tokens::JoinToken) -> serde_json::Value {
+    json!({
+        "id": t.id, "service": t.service, "namespace": t.namespace,
+        "created": t.created_unix, "expires": t.expires_unix, "revoked": t.revoked,
+        "maxUses": t.max_uses, "uses": t.uses,
+    })
+}
+
+async fn list_tokens(State(st): State<Shared>) -> Response {
+    match st.tokens.list() {
+        Ok(list) => axum::Json(json!({ "tokens": list.iter().map(redacted).collect::<Vec<_>>() }))
+            .into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn revoke_token(State(st): State<Shared>, Path(id): Path<String>) -> Response {
+    match st.tokens.revoke(&id) {
+        Ok(true) => {
+            tracing::info!(%id, "join token revoked");
+            axum::Json(json!({ "revoked": id })).into_response()
+        }
+        Ok(false) => error(StatusCode::NOT_FOUND, format!("no join token {id}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// The roots proxies must trust (public; a proxy needs it before it has anything else).
+async fn trust_bundle(State(st): State<Shared>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/x-pem-file")],
+        st.ca.bundle_pem().to_owned(),
+    )
+        .into_response()
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {

@@ -12,8 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
+use trellis_core::authz::InboundPolicy;
 use trellis_core::discovery::{DestinationDelta, DiscoveredEndpoint, InstanceInfo, RouteTable};
-use trellis_core::names::ServiceName;
+use trellis_core::names::{Namespace, ServiceName};
 use trellis_core::resources::{AppProtocol, MeshConfigSpec, Resource, Spec};
 
 use crate::metrics::ControlMetrics;
@@ -25,6 +26,15 @@ pub type SessionId = u64;
 pub enum Push {
     Destination(DestinationDelta),
     MeshConfig(MeshConfigSpec),
+    Inbound(InboundView),
+}
+
+/// What a proxy needs to authorize its own inbound traffic: the policies targeting its service
+/// and that service's routes (for route-scoped policies).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct InboundView {
+    pub policies: Vec<InboundPolicy>,
+    pub routes: RouteTable,
 }
 
 /// Most services one proxy may watch (a bound against a rogue client).
@@ -53,6 +63,9 @@ struct Session {
     /// Instances registered through this session (normally one).
     instances: HashSet<(ServiceName, String)>,
     last_seen: Instant,
+    /// The service this session's proxy serves, and the inbound view it was last sent.
+    own: Option<(Namespace, ServiceName)>,
+    inbound_sent: Option<InboundView>,
 }
 
 #[derive(Default)]
@@ -67,6 +80,8 @@ struct State {
     orphans: HashMap<(ServiceName, String), Instant>,
     /// Bumped on every registry change (for persistence).
     registry_version: u64,
+    /// Authorization policies by the service (and namespace) they target.
+    policies: HashMap<(Namespace, ServiceName), Vec<InboundPolicy>>,
 }
 
 /// Shared handle to the hub.
@@ -114,6 +129,8 @@ impl Hub {
                 sent: HashMap::new(),
                 instances: HashSet::new(),
                 last_seen: Instant::now(),
+                own: None,
+                inbound_sent: None,
             },
         );
         self.metrics.proxies_connected.set(st.sessions.len() as i64);
@@ -131,6 +148,7 @@ impl Hub {
         s.instances
             .insert((info.service.clone(), info.instance_id.clone()));
         s.last_seen = Instant::now();
+        s.own = Some((info.namespace.clone(), info.service.clone()));
         let service = info.service.clone();
         st.orphans
             .remove(&(service.clone(), info.instance_id.clone()));
@@ -142,7 +160,29 @@ impl Hub {
             .insert(info.instance_id.clone(), info.endpoint());
         self.update_instance_gauge(&st);
         self.fan_out(&mut st, &service, start);
+        Self::push_inbound(&mut st, session);
         Ok(())
+    }
+
+    /// Sends a session its inbound view if it changed since the last one it got.
+    fn push_inbound(st: &mut State, session: SessionId) {
+        let Some(own) = st.sessions.get(&session).and_then(|s| s.own.clone()) else {
+            return;
+        };
+        let view = InboundView {
+            policies: st.policies.get(&own).cloned().unwrap_or_default(),
+            routes: st
+                .services
+                .get(&own.1)
+                .map(|v| v.routes.clone())
+                .unwrap_or_default(),
+        };
+        if let Some(s) = st.sessions.get_mut(&session)
+            && s.inbound_sent.as_ref() != Some(&view)
+            && s.tx.try_send(Push::Inbound(view.clone())).is_ok()
+        {
+            s.inbound_sent = Some(view);
+        }
     }
 
     /// Removes the instances a session registered (deregistration, or the stream broke).
@@ -314,6 +354,7 @@ impl Hub {
             HashMap::new();
         let mut declared: HashMap<ServiceName, Option<AppProtocol>> = HashMap::new();
         let mut mesh_config = MeshConfigSpec::default();
+        let mut policies: HashMap<(Namespace, ServiceName), Vec<InboundPolicy>> = HashMap::new();
         for r in resources {
             match &r.spec {
                 Spec::HTTPRoute(spec) => {
@@ -332,10 +373,30 @@ impl Hub {
                     }
                 }
                 Spec::MeshConfig(spec) => mesh_config = spec.clone(),
+                Spec::AuthorizationPolicy(spec) if spec.target_ref.kind == "Service" => {
+                    let ns = spec
+                        .target_ref
+                        .namespace
+                        .as_deref()
+                        .unwrap_or(r.metadata.namespace.as_str());
+                    if let (Ok(ns), Ok(svc)) = (
+                        Namespace::new(ns),
+                        ServiceName::new(spec.target_ref.name.as_str()),
+                    ) {
+                        policies.entry((ns, svc)).or_default().push(InboundPolicy {
+                            name: r.metadata.name.clone(),
+                            namespace: r.metadata.namespace.clone(),
+                            action: spec.action,
+                            route: spec.target_ref.route.clone(),
+                            rules: spec.rules.clone(),
+                        });
+                    }
+                }
                 _ => {}
             }
         }
         let mut st = self.lock();
+        st.policies = policies;
         let names: HashSet<ServiceName> = st
             .services
             .keys()
@@ -357,6 +418,10 @@ impl Hub {
                 view.declared = is_declared;
                 self.fan_out(&mut st, &name, start);
             }
+        }
+        let sessions: Vec<SessionId> = st.sessions.keys().copied().collect();
+        for id in sessions {
+            Self::push_inbound(&mut st, id);
         }
         if st.mesh_config != mesh_config {
             st.mesh_config = mesh_config.clone();
@@ -505,7 +570,7 @@ mod tests {
         loop {
             match rx.try_recv().expect("a push") {
                 Push::Destination(d) => return d,
-                Push::MeshConfig(_) => continue,
+                Push::MeshConfig(_) | Push::Inbound(_) => continue,
             }
         }
     }

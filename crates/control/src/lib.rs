@@ -4,11 +4,14 @@
 //! [`start`] binds both listeners and runs everything on the caller's runtime; the `trellis
 //! control` command and the in-process tests use it alike.
 
+pub mod ca;
 pub mod grpc;
 pub mod http_api;
 pub mod hub;
 pub mod metrics;
 pub mod store;
+pub mod tls_server;
+pub mod tokens;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -32,6 +35,25 @@ pub struct ControlConfig {
     pub trust_domain: String,
     /// An instance that sends nothing for this long is removed from the registry.
     pub heartbeat_ttl: Duration,
+    /// An operator-provided root CA (certificate and PKCS#8 key PEM files).
+    pub ca: Option<(PathBuf, PathBuf)>,
+    /// Lifetime of workload certificates (at least one minute).
+    pub workload_cert_ttl: Duration,
+}
+
+impl ControlConfig {
+    /// Defaults for everything but the addresses and the data dir.
+    pub fn new(grpc_addr: SocketAddr, http_addr: SocketAddr, data_dir: PathBuf) -> Self {
+        Self {
+            grpc_addr,
+            http_addr,
+            data_dir,
+            trust_domain: "trellis.local".into(),
+            heartbeat_ttl: Duration::from_secs(10),
+            ca: None,
+            workload_cert_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +63,14 @@ pub enum StartError {
         dir: String,
         source: store::StoreError,
     },
+    #[error("CA: {0}")]
+    Ca(#[from] ca::CaError),
+    #[error("admin token in {path}: {reason}")]
+    AdminToken { path: String, reason: String },
+    #[error("TLS: {0}")]
+    Tls(#[from] trellis_api::tls::TlsError),
+    #[error("trust domain {0:?} must be lowercase letters, digits, '.', '-' or '_'")]
+    TrustDomain(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -54,6 +84,10 @@ pub struct Running {
     pub http_addr: SocketAddr,
     pub hub: Hub,
     pub store: Arc<dyn Store>,
+    pub tokens: Arc<tokens::Tokens>,
+    pub ca: Arc<ca::Ca>,
+    pub admin_token: String,
+    pub trust_domain: String,
     shutdown: CancellationToken,
 }
 
@@ -67,7 +101,46 @@ impl Running {
     }
 }
 
+/// The admin token in `<data-dir>/admin-token`, created (owner-only) on first start.
+fn admin_token(data_dir: &std::path::Path) -> Result<String, StartError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join("admin-token");
+    let fail = |reason: String| StartError::AdminToken {
+        path: path.display().to_string(),
+        reason,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail(e.to_string())),
+    }
+    let mut bytes = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| fail("could not make randomness".into()))?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| fail(e.to_string()))?;
+    f.write_all(format!("{token}\n").as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| fail(e.to_string()))?;
+    tracing::info!(path = %path.display(), "created the admin token");
+    Ok(token)
+}
+
+/// How long the control plane's own serving certificate lives, and how often it is replaced.
+const OWN_CERT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+const OWN_CERT_RENEW: Duration = Duration::from_secs(24 * 3600);
+
 pub async fn start(config: ControlConfig) -> Result<Running, StartError> {
+    if !trellis_core::identity::valid_trust_domain(&config.trust_domain) {
+        return Err(StartError::TrustDomain(config.trust_domain.clone()));
+    }
     let store: Arc<dyn Store> =
         Arc::new(
             RedbStore::open(&config.data_dir).map_err(|source| StartError::Store {
@@ -75,9 +148,16 @@ pub async fn start(config: ControlConfig) -> Result<Running, StartError> {
                 source,
             })?,
         );
+    let ca = Arc::new(ca::Ca::load_or_create(
+        &config.data_dir.join("ca"),
+        config.ca.clone(),
+        config.workload_cert_ttl,
+    )?);
+    let tokens = Arc::new(tokens::Tokens::new(store.clone()));
+    let admin_token = admin_token(&config.data_dir)?;
     let mut registry = Registry::default();
     let metrics = ControlMetrics::new(&mut registry);
-    let hub = Hub::new(metrics);
+    let hub = Hub::new(metrics.clone());
     let shutdown = CancellationToken::new();
 
     // Resources → hub, now and after every committed change.
@@ -159,11 +239,53 @@ pub async fn start(config: ControlConfig) -> Result<Running, StartError> {
     let grpc_addr = grpc_listener.local_addr().unwrap_or(config.grpc_addr);
     let http_addr = http_listener.local_addr().unwrap_or(config.http_addr);
 
-    let grpc = grpc::ControlService::new(hub.clone(), config.heartbeat_ttl).into_server();
+    // The gRPC API is TLS only, with a certificate from our own CA, replaced well before it
+    // expires; proxies without a certificate yet may connect (to present a join token).
+    let own_id = trellis_core::identity::SpiffeId::control_plane(&config.trust_domain);
+    let issue_own = {
+        let ca = ca.clone();
+        move || -> Result<Arc<rustls::sign::CertifiedKey>, StartError> {
+            let (issued, key_pem) = ca.issue_own(&own_id, OWN_CERT_TTL)?;
+            Ok(trellis_api::tls::certified_key(
+                issued.chain_pem.as_bytes(),
+                key_pem.as_bytes(),
+            )?)
+        }
+    };
+    let own_cert = trellis_api::tls::CertResolver::new(issue_own()?);
+    let server_tls = trellis_api::tls::server_config(
+        trellis_api::tls::root_store(ca.bundle_pem().as_bytes())?,
+        own_cert.clone(),
+        trellis_api::tls::ClientAuth::Optional,
+    )?;
     let stop = shutdown.clone();
     tokio::spawn(async move {
-        let incoming =
-            tonic::codegen::tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(OWN_CERT_RENEW) => {}
+            }
+            match issue_own() {
+                Ok(key) => own_cert.replace(key),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot renew the control plane's certificate")
+                }
+            }
+        }
+    });
+    let grpc = grpc::ControlService::new(
+        hub.clone(),
+        config.heartbeat_ttl,
+        ca.clone(),
+        tokens.clone(),
+        config.trust_domain.clone(),
+        metrics.certificates_issued.clone(),
+    )
+    .into_server();
+    let stop = shutdown.clone();
+    let incoming = tls_server::incoming(grpc_listener, server_tls, shutdown.clone());
+    tokio::spawn(async move {
+        let incoming = tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(incoming);
         if let Err(e) = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
@@ -179,6 +301,9 @@ pub async fn start(config: ControlConfig) -> Result<Running, StartError> {
         store: store.clone(),
         hub: hub.clone(),
         registry,
+        admin_token: admin_token.clone(),
+        tokens: tokens.clone(),
+        ca: ca.clone(),
     }));
     let stop = shutdown.clone();
     tokio::spawn(async move {
@@ -195,6 +320,10 @@ pub async fn start(config: ControlConfig) -> Result<Running, StartError> {
         http_addr,
         hub,
         store,
+        tokens,
+        ca,
+        admin_token,
+        trust_domain: config.trust_domain,
         shutdown,
     })
 }

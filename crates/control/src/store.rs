@@ -94,12 +94,17 @@ pub trait Store: Send + Sync + 'static {
         instances: &[(ServiceName, DiscoveredEndpoint)],
     ) -> Result<(), StoreError>;
     fn load_registry(&self) -> Result<Vec<(ServiceName, DiscoveredEndpoint)>, StoreError>;
+    /// Creates or replaces a join token record (never the secret itself, only its hash).
+    fn put_token(&self, token: &crate::tokens::JoinToken) -> Result<(), StoreError>;
+    fn token(&self, id: &str) -> Result<Option<crate::tokens::JoinToken>, StoreError>;
+    fn tokens(&self) -> Result<Vec<crate::tokens::JoinToken>, StoreError>;
 }
 
 const RESOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("resources");
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const REGISTRY: TableDefinition<&str, &[u8]> = TableDefinition::new("registry");
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 
 fn storage_key(key: &ResourceKey) -> String {
     format!("{}/{}/{}", key.kind, key.namespace, key.name)
@@ -120,6 +125,7 @@ impl RedbStore {
         let txn = db.begin_write()?;
         txn.open_table(RESOURCES)?;
         txn.open_table(AUDIT)?;
+        txn.open_table(TOKENS)?;
         let version = txn
             .open_table(META)?
             .get("version")?
@@ -311,6 +317,32 @@ impl Store for RedbStore {
             .insert("instances", encode(&instances)?.as_slice())?;
         txn.commit()?;
         Ok(())
+    }
+
+    fn put_token(&self, token: &crate::tokens::JoinToken) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(TOKENS)?
+            .insert(token.id.as_str(), encode(token)?.as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn token(&self, id: &str) -> Result<Option<crate::tokens::JoinToken>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(TOKENS)?;
+        let value = table.get(id)?;
+        value.map(|v| decode(v.value())).transpose()
+    }
+
+    fn tokens(&self) -> Result<Vec<crate::tokens::JoinToken>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(TOKENS)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (_, v) = entry?;
+            out.push(decode(v.value())?);
+        }
+        Ok(out)
     }
 
     fn load_registry(&self) -> Result<Vec<(ServiceName, DiscoveredEndpoint)>, StoreError> {

@@ -18,6 +18,8 @@ pub struct DiscoveredEndpoint {
     pub instance_id: String,
     /// The instance proxy's inbound (advertised) address.
     pub address: SocketAddr,
+    /// The instance's namespace: with the service, the identity its proxy must present.
+    pub namespace: crate::names::Namespace,
     pub zone: String,
     pub labels: BTreeMap<String, String>,
 }
@@ -361,6 +363,7 @@ impl InstanceInfo {
         DiscoveredEndpoint {
             instance_id: self.instance_id.clone(),
             address: self.address,
+            namespace: self.namespace.clone(),
             zone: self.zone.clone(),
             labels: self.labels.clone(),
         }

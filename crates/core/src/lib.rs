@@ -3,8 +3,10 @@
 //! This crate does no I/O. It parses and validates; callers decide where bytes come from, so
 //! validation is the same whether config arrives from a file, a flag or (later) the control plane.
 
+pub mod authz;
 pub mod discovery;
 pub mod duration;
+pub mod identity;
 pub mod names;
 pub mod proxy_config;
 pub mod resources;

@@ -64,6 +64,10 @@ pub struct Endpoint {
     /// `true`: a Trellis proxy's inbound listener (traffic goes over the mesh's HTTP/2 transport).
     /// `false`: a plain server outside the mesh, spoken to in the app's own protocol.
     pub meshed: bool,
+    /// The instance's namespace, for endpoints the control plane reported: with the service
+    /// name, the identity its proxy must present (mTLS). `None`: plaintext (static mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<crate::names::Namespace>,
 }
 
 /// Where calls to one service go.
@@ -136,6 +140,10 @@ pub struct RawEndpoint {
     pub address: String,
     #[serde(default = "default_true")]
     pub meshed: bool,
+    /// The instance's namespace, for endpoints the control plane reported: with the service
+    /// name, the identity its proxy must present (mTLS). `None`: plaintext (static mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<crate::names::Namespace>,
 }
 
 fn default_true() -> bool {
@@ -212,6 +220,7 @@ impl StaticConfig {
                 endpoints.push(Endpoint {
                     address,
                     meshed: ep.meshed,
+                    namespace: None,
                 });
             }
             destinations.insert(

@@ -10,6 +10,7 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use trellis_core::discovery::InstanceInfo;
+use trellis_core::identity::SpiffeId;
 use trellis_core::{Destination, ServiceName};
 
 use crate::access_log::AccessLog;
@@ -23,6 +24,7 @@ use crate::http::inbound::ForwardToApp;
 use crate::http::outbound::Forward;
 use crate::http::stack;
 use crate::http::tunnel::TunnelCtx;
+use crate::identity::{InboundPolicyCell, MeshIdentity};
 use crate::metrics::{Label, Metrics};
 use crate::server::{self, ConnLimits, ListenerKind, ServerCtx};
 
@@ -111,16 +113,30 @@ pub async fn start(
         source,
     })?;
     let drain = Drain::new();
-    let clients = Clients::new(ClientSettings {
-        connect_timeout: config.connect_timeout,
-        idle_timeout: config.idle_timeout,
+    let dynamic = !config.control.is_empty();
+    // With a control plane the proxy has a workload identity and speaks mTLS to its peers;
+    // in static mode there is no CA, so peers are plaintext.
+    let identity = dynamic.then(|| {
+        Arc::new(MeshIdentity::new(SpiffeId::new(
+            &config.trust_domain,
+            config.namespace.clone(),
+            config.service.clone(),
+        )))
     });
+    let inbound_policy = Arc::new(InboundPolicyCell::default());
+    let clients = Clients::new(
+        ClientSettings {
+            connect_timeout: config.connect_timeout,
+            idle_timeout: config.idle_timeout,
+        },
+        identity.clone(),
+        metrics.clone(),
+    );
     let tunnels = TunnelCtx {
         metrics: metrics.clone(),
         access_log: access_log.clone(),
         drain: drain.clone(),
     };
-    let dynamic = !config.control.is_empty();
     let (watch_tx, watch_rx) = tokio::sync::mpsc::unbounded_channel();
     let destinations = Arc::new(Destinations::with_discovery(
         &config.destinations,
@@ -149,7 +165,10 @@ pub async fn start(
             ForwardToApp::new(config.app, clients, tunnels),
             &metrics,
             &access_log,
+            inbound_policy.clone(),
         ),
+        identity: identity.clone(),
+        inbound_policy: inbound_policy.clone(),
         metrics: metrics.clone(),
         access_log,
         drain: drain.clone(),
@@ -201,6 +220,7 @@ pub async fn start(
     );
     let describe = {
         let (destinations, mesh_config) = (destinations.clone(), mesh_config.clone());
+        let (identity, policy) = (identity.clone(), inbound_policy.clone());
         let (static_config, bound) = (
             serde_json::to_value(&config).unwrap_or_default(),
             bound.clone(),
@@ -211,7 +231,14 @@ pub async fn start(
                 "listening": bound,
                 "destinations": destinations.describe(),
                 "meshConfig": mesh_config.lock().ok().and_then(|m| serde_json::to_value(&*m).ok()),
-                "identity": null,
+                "identity": identity.as_ref().map(|i| serde_json::json!({
+                    "spiffeId": i.id.to_string(),
+                    "expires": i.expires_unix(),
+                })),
+                "inboundPolicy": {
+                    "mtls": format!("{:?}", policy.current().mtls).to_lowercase(),
+                    "policies": policy.current().policies.iter().map(|p| p.label()).collect::<Vec<_>>(),
+                },
             })
         })
     };
@@ -231,7 +258,7 @@ pub async fn start(
         source,
     })?;
 
-    if dynamic {
+    if let Some(identity) = identity.clone() {
         let advertise = config.advertise.unwrap_or_else(|| {
             // A wildcard bind is not dialable: advertise loopback with the bound port. Set
             // --advertise on hosts that other machines must reach.
@@ -258,6 +285,15 @@ pub async fn start(
             connected: control_connected,
             mesh_config,
             drain: drain.clone(),
+            identity,
+            token: config.token.clone().unwrap_or_default(),
+            bootstrap_roots: config
+                .trust_bundle
+                .as_deref()
+                .and_then(|b| trellis_api::tls::root_store(b.as_bytes()).ok())
+                .unwrap_or_else(|| Arc::new(rustls::RootCertStore::empty())),
+            inbound_policy,
+            identity_expiry: metrics.identity_expiry.clone(),
         };
         client.spawn().map_err(|source| BindError {
             what: "control client".into(),

@@ -49,6 +49,17 @@ pub struct Args {
     /// learn about it before the listeners close.
     #[arg(long, env = "TRELLIS_SHUTDOWN_GRACE", default_value = "1s")]
     pub shutdown_grace: String,
+    /// With --control: a join token (`trellis token create`) proving which service this
+    /// instance may claim; used once, for the first certificate.
+    #[arg(long, env = "TRELLIS_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// With --control: the mesh's trust bundle (PEM roots; `GET /api/v1/ca/bundle`), used to
+    /// check the control plane before this proxy has anything else.
+    #[arg(long, env = "TRELLIS_TRUST_BUNDLE")]
+    pub trust_bundle: Option<PathBuf>,
+    /// SPIFFE trust domain of the mesh.
+    #[arg(long, env = "TRELLIS_TRUST_DOMAIN", default_value = "trellis.local")]
+    pub trust_domain: String,
     /// Static mode: destinations, endpoints and protocol hints from a YAML/JSON file.
     #[arg(long, env = "TRELLIS_CONFIG")]
     pub config: Option<PathBuf>,
@@ -122,6 +133,13 @@ pub struct ProxyConfig {
     pub config_file: Option<PathBuf>,
     /// Control plane addresses (empty: static mode).
     pub control: Vec<String>,
+    /// The join token (never serialized: `/config` shows the rest).
+    #[serde(skip)]
+    pub token: Option<String>,
+    /// PEM roots from --trust-bundle.
+    #[serde(skip)]
+    pub trust_bundle: Option<String>,
+    pub trust_domain: String,
     #[serde(with = "duration_str")]
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
@@ -289,6 +307,51 @@ impl ProxyConfig {
             Some(n) => n,
             None => std::thread::available_parallelism().map_or(2, |n| n.get()),
         };
+        if !trellis_core::identity::valid_trust_domain(&args.trust_domain) {
+            return Err(InvalidConfig::Flag {
+                flag: "trust-domain",
+                reason: format!(
+                    "{:?} must be lowercase letters, digits, '.', '-' or '_'",
+                    args.trust_domain
+                ),
+            });
+        }
+        let read_file = |flag: &'static str, path: &PathBuf| {
+            std::fs::read_to_string(path).map_err(|e| InvalidConfig::Flag {
+                flag,
+                reason: format!("{}: {e}", path.display()),
+            })
+        };
+        let token = args
+            .token_file
+            .as_ref()
+            .map(|p| read_file("token-file", p))
+            .transpose()?
+            .map(|t| t.trim().to_owned());
+        let trust_bundle = args
+            .trust_bundle
+            .as_ref()
+            .map(|p| read_file("trust-bundle", p))
+            .transpose()?;
+        if let Some(bundle) = &trust_bundle {
+            flag(
+                "trust-bundle",
+                trellis_api::tls::root_store(bundle.as_bytes()),
+            )?;
+        }
+        let has_control = args.control.iter().any(|a| !a.trim().is_empty());
+        if has_control && trust_bundle.is_none() {
+            return Err(InvalidConfig::Flag {
+                flag: "trust-bundle",
+                reason: "required with --control (the mesh's roots: `trellis get trust-bundle` or <data-dir>/ca/bundle.pem)".into(),
+            });
+        }
+        if has_control && token.is_none() {
+            return Err(InvalidConfig::Flag {
+                flag: "token-file",
+                reason: "required with --control (create one with `trellis token create --service NAME`)".into(),
+            });
+        }
         Ok(Self {
             instance: args.instance.unwrap_or_else(default_instance),
             app: flag("app", parse_socket_addr(&args.app))?,
@@ -314,6 +377,9 @@ impl ProxyConfig {
                 .map(|a| a.trim().to_owned())
                 .filter(|a| !a.is_empty())
                 .collect(),
+            token,
+            trust_bundle,
+            trust_domain: args.trust_domain,
             shutdown_grace: flag("shutdown-grace", parse_duration(&args.shutdown_grace))?,
             log_format,
             log_level: args.log_level,

@@ -16,12 +16,13 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
 use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use trellis_api::pb;
-use trellis_core::discovery::{DestinationDelta, InstanceInfo};
+use trellis_core::discovery::{DestinationDelta, InstanceInfo, RouteTable};
 use trellis_core::names::ServiceName;
 use trellis_core::resources::MeshConfigSpec;
 
 use crate::drain::Drain;
 use crate::http::destinations::{Destinations, WatchRequest, random_below};
+use crate::identity::{InboundPolicyCell, MeshIdentity, new_key_and_csr};
 
 /// How long a discovered destination may go unused before it is dropped and unwatched.
 pub const IDLE_DESTINATION: Duration = Duration::from_secs(300);
@@ -37,7 +38,18 @@ pub struct ControlClient {
     pub connected: Gauge,
     pub mesh_config: Arc<std::sync::Mutex<Option<MeshConfigSpec>>>,
     pub drain: Drain,
+    pub identity: Arc<MeshIdentity>,
+    /// The join token, for the first certificate.
+    pub token: String,
+    /// Roots from --trust-bundle: how the control plane is checked before the first
+    /// certificate (after it, the bundle the control plane hands out).
+    pub bootstrap_roots: Arc<rustls::RootCertStore>,
+    pub inbound_policy: Arc<InboundPolicyCell>,
+    pub identity_expiry: Gauge,
 }
+
+/// Renew at this share of a certificate's lifetime.
+const RENEW_AT: f64 = 0.7;
 
 enum SessionEnd {
     /// Shutdown: deregistered, do not reconnect.
@@ -57,13 +69,108 @@ impl ControlClient {
         Ok(())
     }
 
+    /// A channel to the control plane over TLS: the server must be the control plane of our
+    /// trust domain; we present our certificate once we have one.
+    async fn channel(&self, addr: &str) -> Result<tonic::transport::Channel, String> {
+        let expected =
+            trellis_core::identity::SpiffeId::control_plane(&self.identity.id.trust_domain);
+        let config = match self.identity.tls() {
+            Some(state) => trellis_api::tls::client_config(
+                state.roots.clone(),
+                expected,
+                Some(state.cert.clone()),
+            ),
+            None => trellis_api::tls::client_config(self.bootstrap_roots.clone(), expected, None),
+        }
+        .map_err(|e| e.to_string())?;
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| format!("bad address {addr:?}: {e}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let connector = tower::service_fn(move |uri: tonic::transport::Uri| {
+            let config = config.clone();
+            async move {
+                let host = uri.host().unwrap_or("127.0.0.1").to_owned();
+                let port = uri.port_u16().unwrap_or(7440);
+                let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+                let _ = tcp.set_nodelay(true);
+                let tls = tokio_rustls::TlsConnector::from(config)
+                    .connect(trellis_api::tls::server_name(), tcp)
+                    .await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        });
+        endpoint
+            .connect_with_connector(connector)
+            .await
+            .map_err(|e| {
+                use std::error::Error;
+                let mut msg = e.to_string();
+                let mut source = e.source();
+                while let Some(s) = source {
+                    msg = format!("{msg}: {s}");
+                    source = s.source();
+                }
+                msg
+            })
+    }
+
+    /// Gets a certificate: with the join token the first time, with the current certificate
+    /// after. A new key every time.
+    async fn certify(&self, addr: &str) -> Result<std::time::Instant, String> {
+        let renewing = self.identity.tls().is_some();
+        let (key_pem, csr_pem) = new_key_and_csr(&self.identity.id).map_err(|e| e.to_string())?;
+        let channel = self.channel(addr).await?;
+        let mut client = pb::proxy_control_client::ProxyControlClient::new(channel);
+        let rsp = client
+            .certify(pb::CertifyRequest {
+                csr_pem,
+                token: if renewing {
+                    String::new()
+                } else {
+                    self.token.clone()
+                },
+            })
+            .await
+            .map_err(|status| format!("certificate request refused: {}", status.message()))?
+            .into_inner();
+        self.identity
+            .install(
+                &rsp.cert_chain_pem,
+                &key_pem,
+                &rsp.trust_bundle_pem,
+                rsp.expires_unix,
+            )
+            .map_err(|e| format!("certificate from the control plane: {e}"))?;
+        self.identity_expiry.set(rsp.expires_unix);
+        let now_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let lifetime = Duration::from_secs(rsp.expires_unix.saturating_sub(now_unix).max(1) as u64);
+        tracing::info!(identity = %self.identity.id, expires = rsp.expires_unix, renewal = renewing, "workload certificate installed");
+        Ok(std::time::Instant::now() + lifetime.mul_f64(RENEW_AT))
+    }
+
     async fn run(mut self) {
         let mut failures: u32 = 0;
         let mut next = 0usize;
+        let mut renew_at = std::time::Instant::now();
         loop {
             let addr = self.addresses[next % self.addresses.len()].clone();
             next += 1;
-            match self.session(&addr, &mut failures).await {
+            let outcome = if std::time::Instant::now() >= renew_at {
+                match self.certify(&addr).await {
+                    Ok(at) => {
+                        renew_at = at;
+                        self.session(&addr, &mut failures, &mut renew_at).await
+                    }
+                    Err(e) => SessionEnd::Failed(e),
+                }
+            } else {
+                self.session(&addr, &mut failures, &mut renew_at).await
+            };
+            match outcome {
                 SessionEnd::Deregistered => return,
                 SessionEnd::Failed(e) => {
                     self.connected.set(0);
@@ -83,18 +190,15 @@ impl ControlClient {
         }
     }
 
-    async fn session(&mut self, addr: &str, failures: &mut u32) -> SessionEnd {
-        let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{addr}")) {
-            Ok(e) => e
-                .connect_timeout(Duration::from_secs(2))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(5))
-                .keep_alive_timeout(Duration::from_secs(5)),
-            Err(e) => return SessionEnd::Failed(format!("bad address {addr:?}: {e}")),
-        };
-        let channel = match endpoint.connect().await {
+    async fn session(
+        &mut self,
+        addr: &str,
+        failures: &mut u32,
+        renew_at: &mut std::time::Instant,
+    ) -> SessionEnd {
+        let channel = match self.channel(addr).await {
             Ok(c) => c,
-            Err(e) => return SessionEnd::Failed(e.to_string()),
+            Err(e) => return SessionEnd::Failed(e),
         };
         let mut client = pb::proxy_control_client::ProxyControlClient::new(channel);
         let (tx, rx) = mpsc::channel::<pb::ProxyMessage>(1024);
@@ -142,6 +246,16 @@ impl ControlClient {
                         return SessionEnd::Failed("session closed".into());
                     }
                 }
+                _ = tokio::time::sleep_until((*renew_at).into()) => {
+                    match self.certify(addr).await {
+                        Ok(at) => *renew_at = at,
+                        Err(e) => {
+                            // Keep serving on the current certificate; try again soon.
+                            tracing::warn!(error = %e, "certificate renewal failed; retrying in 5s");
+                            *renew_at = std::time::Instant::now() + Duration::from_secs(5);
+                        }
+                    }
+                }
                 _ = sweep.tick() => {
                     for name in self.destinations.drop_idle(IDLE_DESTINATION, &self.pinned) {
                         tracing::debug!(service = %name, "destination idle; unwatching");
@@ -182,6 +296,10 @@ impl ControlClient {
             pb::control_message::Message::MeshConfig(c) => {
                 match MeshConfigSpec::try_from(c) {
                     Ok(spec) => {
+                        self.inbound_policy.update(|p| {
+                            p.mtls = spec.mtls;
+                            p.default_policy = spec.default_policy;
+                        });
                         if let Ok(mut slot) = self.mesh_config.lock() {
                             *slot = Some(spec);
                         }
@@ -190,6 +308,26 @@ impl ControlClient {
                 }
                 None
             }
+            pb::control_message::Message::InboundPolicy(p) => {
+                let routes = p.routes.map(RouteTable::try_from).transpose();
+                let policies: Result<Vec<_>, _> = p
+                    .policies
+                    .into_iter()
+                    .map(trellis_core::authz::InboundPolicy::try_from)
+                    .collect();
+                match (policies, routes) {
+                    (Ok(policies), Ok(routes)) => {
+                        tracing::info!(policies = policies.len(), "authorization policies updated");
+                        self.inbound_policy
+                            .set_policies(policies, routes.unwrap_or_default());
+                    }
+                    (Err(e), _) | (_, Err(e)) => {
+                        tracing::warn!(error = %e, "ignoring malformed authorization policy update")
+                    }
+                }
+                None
+            }
+            pb::control_message::Message::TrustBundle(_) => None,
         }
     }
 }

@@ -45,6 +45,10 @@ pub enum ProxyError {
     Upstream(#[source] BoxError),
     #[error("proxy is draining")]
     Draining,
+    /// Authorization refused the caller; `detail` is the `x-trellis-error` value
+    /// (`denied policy=<ns>/<name>`, `denied no-matching-allow`, `denied unauthenticated`).
+    #[error("{detail}")]
+    Denied { detail: String },
 }
 
 impl ProxyError {
@@ -58,6 +62,7 @@ impl ProxyError {
                 StatusCode::BAD_GATEWAY
             }
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Denied { .. } => StatusCode::FORBIDDEN,
         }
     }
 
@@ -71,12 +76,13 @@ impl ProxyError {
             Self::Timeout(_) => "timeout",
             Self::Upstream(_) => "upstream-failed",
             Self::Draining => "draining",
+            Self::Denied { .. } => "denied",
         }
     }
 
     pub fn fault(&self) -> Fault {
         match self {
-            Self::MissingAuthority | Self::Malformed(_) => Fault::Client,
+            Self::MissingAuthority | Self::Malformed(_) | Self::Denied { .. } => Fault::Client,
             Self::UnknownService { .. } | Self::NoEndpoints { .. } | Self::Draining => Fault::Proxy,
             Self::ConnectFailed { .. }
             | Self::ConnectTimeout { .. }
@@ -89,8 +95,18 @@ impl ProxyError {
     pub fn grpc_status(&self) -> u8 {
         match self.status() {
             StatusCode::GATEWAY_TIMEOUT => 4, // DEADLINE_EXCEEDED
+            StatusCode::FORBIDDEN => 7,       // PERMISSION_DENIED
             StatusCode::BAD_REQUEST => 3,     // INVALID_ARGUMENT
             _ => 14,                          // UNAVAILABLE
+        }
+    }
+
+    /// The `x-trellis-error` value: the reason, with details where the contract has them.
+    pub fn header_value(&self) -> http::HeaderValue {
+        match self {
+            Self::Denied { detail } => http::HeaderValue::from_str(detail)
+                .unwrap_or_else(|_| http::HeaderValue::from_static("denied")),
+            other => http::HeaderValue::from_static(other.reason()),
         }
     }
 

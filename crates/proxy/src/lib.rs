@@ -17,6 +17,7 @@ pub mod drain;
 pub mod error;
 pub mod head;
 pub mod http;
+pub mod identity;
 pub mod io;
 pub mod layers;
 pub mod logging;

@@ -90,6 +90,25 @@ pub struct Metrics {
     pub proxy_errors: Family<ProxyErrorLabels, Counter>,
     pub connections_open: Family<ListenerLabels, Gauge>,
     pub malformed: Family<ListenerLabels, Counter>,
+    pub tls_handshakes: Family<HandshakeLabels, Counter>,
+    pub authz_decisions: Family<AuthzLabels, Counter>,
+    pub identity_expiry: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub direction: &'static str,
+    /// `ok`, `plaintext_refused`, or a failure class (`unknown_ca`, `cert_expired`, ...).
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    /// `allow`, `deny` or `audit`.
+    pub decision: &'static str,
+    /// `<ns>/<name>`, `default`, `no-matching-allow` or `unauthenticated`: bounded by the
+    /// policies that exist.
+    pub policy: Label,
 }
 
 impl Metrics {
@@ -105,6 +124,9 @@ impl Metrics {
             proxy_errors: Family::default(),
             connections_open: Family::default(),
             malformed: Family::default(),
+            tls_handshakes: Family::default(),
+            authz_decisions: Family::default(),
+            identity_expiry: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("trellis");
         r.register(
@@ -151,6 +173,21 @@ impl Metrics {
             "malformed_requests",
             "Connections refused for malformed or oversized HTTP request heads",
             m.malformed.clone(),
+        );
+        r.register(
+            "tls_handshakes",
+            "mTLS handshakes between proxies, by outcome",
+            m.tls_handshakes.clone(),
+        );
+        r.register(
+            "authz_decisions",
+            "Inbound authorization decisions",
+            m.authz_decisions.clone(),
+        );
+        r.register(
+            "identity_expiry_timestamp_seconds",
+            "When this proxy's workload certificate expires (Unix time)",
+            m.identity_expiry.clone(),
         );
         m
     }

@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tower::ServiceExt;
 use trellis_core::ProtocolHint;
 use trellis_core::discovery::{Headers, RequestFacts};
+use trellis_core::resources::MtlsMode;
 
 use crate::access_log::AccessLog;
 use crate::body;
@@ -28,9 +29,10 @@ use crate::http::outbound::{Backend, DISCOVERY_TIMEOUT, open_tcp};
 use crate::http::stack::HttpStack;
 use crate::http::{Direction, RequestMeta};
 use crate::io::{IdleTimeout, PrefixedIo};
+use crate::layers::authz::PeerIdentity;
 use crate::layers::error_response::raw_http1_error;
 use crate::layers::timeout::RequestTimeout;
-use crate::metrics::{DetectLabels, Label, ListenerLabels, Metrics, UNKNOWN};
+use crate::metrics::{DetectLabels, HandshakeLabels, Label, ListenerLabels, Metrics, UNKNOWN};
 use crate::tcp::{BoxedIo, TcpFlow, splice};
 
 type ResponseFuture = std::pin::Pin<
@@ -94,6 +96,9 @@ pub struct ServerCtx {
     pub metrics: Metrics,
     pub access_log: AccessLog,
     pub drain: Drain,
+    /// With a control plane: this proxy's identity (mTLS on the inbound port).
+    pub identity: Option<Arc<crate::identity::MeshIdentity>>,
+    pub inbound_policy: Arc<crate::identity::InboundPolicyCell>,
 }
 
 /// Accepts until drain starts, then drops the listener (closing the port).
@@ -190,6 +195,21 @@ async fn handle(
         })
         .inc();
 
+    if matches!(kind, ListenerKind::Inbound)
+        && let Some(identity) = ctx.identity.clone()
+    {
+        // Mesh mode: peers speak mTLS. Plaintext only where MeshConfig says permissive.
+        if detected.protocol == Protocol::Tls {
+            let io = PrefixedIo::new(buf.freeze(), stream);
+            return serve_mtls(io, client, &identity, ctx).await;
+        }
+        if ctx.inbound_policy.current().mtls == MtlsMode::Strict {
+            count_handshake(&ctx, "plaintext_refused");
+            tracing::info!(%client, protocol = detected.protocol.as_str(), "refused plaintext connection: the inbound port requires mTLS (MeshConfig mtls: strict)");
+            let _ = stream.shutdown().await;
+            return;
+        }
+    }
     match detected.protocol {
         Protocol::Http1 => {
             if let Err((status, reason)) = read_first_head(&mut stream, &mut buf, &ctx.limits).await
@@ -206,17 +226,73 @@ async fn handle(
                 return;
             }
             let io = PrefixedIo::new(buf.freeze(), stream);
-            serve_http(io, client, Protocol::Http1, kind, ctx).await;
+            serve_http(io, client, Protocol::Http1, kind, ctx, PeerIdentity(None)).await;
         }
         Protocol::Http2 => {
             let io = PrefixedIo::new(buf.freeze(), stream);
-            serve_http(io, client, Protocol::Http2, kind, ctx).await;
+            serve_http(io, client, Protocol::Http2, kind, ctx, PeerIdentity(None)).await;
         }
         Protocol::Tls | Protocol::Opaque => {
             let io = PrefixedIo::new(buf.freeze(), stream);
             forward_tcp(io, client, kind, ctx).await;
         }
     }
+}
+
+fn count_handshake(ctx: &ServerCtx, result: &'static str) {
+    ctx.metrics
+        .tls_handshakes
+        .get_or_create(&HandshakeLabels {
+            direction: "inbound",
+            result,
+        })
+        .inc();
+}
+
+/// Completes the mTLS handshake with a peer proxy and serves it, knowing who it is.
+async fn serve_mtls(
+    io: PrefixedIo<TcpStream>,
+    client: SocketAddr,
+    identity: &crate::identity::MeshIdentity,
+    ctx: Arc<ServerCtx>,
+) {
+    let Some(tls) = identity.tls() else {
+        tracing::info!(%client, "refused mTLS connection: no workload certificate yet");
+        count_handshake(&ctx, "no_identity_yet");
+        return;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
+    let accepted =
+        match tokio::time::timeout(ctx.limits.header_read_timeout, acceptor.accept(io)).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+        };
+    let stream = match accepted {
+        Ok(s) => s,
+        Err(e) => {
+            let class = trellis_api::tls::classify_handshake_error(&e);
+            count_handshake(&ctx, class);
+            tracing::info!(%client, result = class, hint = trellis_api::tls::handshake_hint(class), error = %e, "mTLS handshake from peer failed");
+            return;
+        }
+    };
+    count_handshake(&ctx, "ok");
+    let (_, conn) = stream.get_ref();
+    let peer = trellis_api::tls::peer_identity(conn.peer_certificates()).map(Arc::new);
+    let protocol = if conn.alpn_protocol() == Some(trellis_api::tls::ALPN_H2) {
+        Protocol::Http2
+    } else {
+        Protocol::Http1
+    };
+    serve_http(
+        stream,
+        client,
+        protocol,
+        ListenerKind::Inbound,
+        ctx,
+        PeerIdentity(peer),
+    )
+    .await;
 }
 
 /// Reads until the first HTTP/1 request head is complete and valid. On refusal, returns the
@@ -264,11 +340,19 @@ async fn prepare(
     client: SocketAddr,
     kind: &ListenerKind,
     ctx: &ServerCtx,
+    peer: &PeerIdentity,
 ) -> Request<body::Body> {
     let mut req = req.map(body::boxed);
     let mut route = None;
     let (src, dst) = match kind {
-        ListenerKind::Inbound => (Label::from(UNKNOWN), ctx.service.clone()),
+        ListenerKind::Inbound => {
+            req.extensions_mut().insert(peer.clone());
+            let src = peer.0.as_ref().map_or_else(
+                || Label::from(UNKNOWN),
+                |id| Label::from(id.service.as_str()),
+            );
+            (src, ctx.service.clone())
+        }
         ListenerKind::Outbound | ListenerKind::Upstream(_) => {
             let target = match kind {
                 ListenerKind::Upstream(d) => Target::Known(d.clone()),
@@ -313,13 +397,16 @@ async fn prepare(
     req
 }
 
-async fn serve_http(
-    io: PrefixedIo<TcpStream>,
+async fn serve_http<I>(
+    io: I,
     client: SocketAddr,
     protocol: Protocol,
     kind: ListenerKind,
     ctx: Arc<ServerCtx>,
-) {
+    peer: PeerIdentity,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let stack = match kind {
         ListenerKind::Inbound => ctx.inbound.clone(),
         _ => ctx.outbound.clone(),
@@ -327,11 +414,11 @@ async fn serve_http(
     let svc_ctx = ctx.clone();
     let kind = Arc::new(kind);
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (stack, kind, ctx) = (stack.clone(), kind.clone(), svc_ctx.clone());
+        let (stack, kind, ctx, peer) = (stack.clone(), kind.clone(), svc_ctx.clone(), peer.clone());
         // Boxed as a plain `dyn Future + Send` so the connection future's Send-ness does not
         // depend on the stack's type (and compile errors stay readable).
         let fut: ResponseFuture = Box::pin(async move {
-            let req = prepare(req, client, &kind, &ctx).await;
+            let req = prepare(req, client, &kind, &ctx, &peer).await;
             // Boxed before awaiting: awaiting the stack's concrete future inside this block
             // trips rustc's higher-ranked Send check (rust-lang/rust#110338).
             let respond: ResponseFuture = Box::pin(stack.oneshot(req));
@@ -412,6 +499,7 @@ async fn forward_tcp(
                     open_tcp(
                         &ctx.clients,
                         &ep,
+                        &dest.name,
                         &format!("{}:{}", dest.name, ep.address.port()),
                     )
                     .await

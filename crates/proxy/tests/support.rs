@@ -44,7 +44,11 @@ pub(crate) fn destination(protocol: ProtocolHint, endpoints: &[(SocketAddr, bool
         timeout: None,
         endpoints: endpoints
             .iter()
-            .map(|&(address, meshed)| Endpoint { address, meshed })
+            .map(|&(address, meshed)| Endpoint {
+                address,
+                meshed,
+                namespace: None,
+            })
             .collect(),
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod grpc;
 pub mod http_server;
+pub mod mesh;
 pub mod process;
 pub mod tcp;
 

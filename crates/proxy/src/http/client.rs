@@ -20,8 +20,17 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use trellis_core::identity::SpiffeId;
+use trellis_core::names::{Namespace, ServiceName};
+
 use crate::body::Body;
 use crate::error::ProxyError;
+use crate::identity::MeshIdentity;
+use crate::metrics::{HandshakeLabels, Metrics};
+
+/// The peer proxy behind an address, when the control plane told us (namespace and service):
+/// the identity it must present. `None`: plaintext.
+pub type Peer<'a> = Option<(&'a Namespace, &'a ServiceName)>;
 
 /// Connection settings shared by all upstream clients.
 #[derive(Debug, Clone, Copy)]
@@ -39,7 +48,11 @@ pub struct Clients {
 }
 
 impl Clients {
-    pub fn new(settings: ClientSettings) -> Self {
+    pub fn new(
+        settings: ClientSettings,
+        identity: Option<Arc<MeshIdentity>>,
+        metrics: Metrics,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(settings.connect_timeout));
@@ -52,7 +65,7 @@ impl Clients {
             .build(connector);
         Self {
             http1,
-            h2: H2Pool::new(settings),
+            h2: H2Pool::new(settings, identity, metrics),
             settings,
         }
     }
@@ -106,6 +119,9 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, P
 pub struct H2Pool {
     slots: Arc<Mutex<HashMap<SocketAddr, Arc<Slot>>>>,
     settings: ClientSettings,
+    /// With an identity, connections to peers with a known identity are mTLS.
+    identity: Option<Arc<MeshIdentity>>,
+    metrics: Metrics,
 }
 
 #[derive(Default)]
@@ -123,10 +139,16 @@ impl Slot {
 }
 
 impl H2Pool {
-    pub fn new(settings: ClientSettings) -> Self {
+    pub fn new(
+        settings: ClientSettings,
+        identity: Option<Arc<MeshIdentity>>,
+        metrics: Metrics,
+    ) -> Self {
         Self {
             slots: Arc::default(),
             settings,
+            identity,
+            metrics,
         }
     }
 
@@ -137,7 +159,11 @@ impl H2Pool {
     }
 
     /// A sender on a live connection to `addr`, dialing one if needed.
-    pub async fn sender(&self, addr: SocketAddr) -> Result<http2::SendRequest<Body>, ProxyError> {
+    pub async fn sender(
+        &self,
+        addr: SocketAddr,
+        peer: Peer<'_>,
+    ) -> Result<http2::SendRequest<Body>, ProxyError> {
         let slot = self.slot(addr);
         if let Some(s) = slot.ready_sender() {
             return Ok(s);
@@ -147,12 +173,69 @@ impl H2Pool {
             return Ok(s);
         }
         let stream = connect(addr, self.settings.connect_timeout).await?;
+        let sender = match (&self.identity, peer) {
+            (Some(identity), Some((namespace, service))) => {
+                let tls = identity.tls().ok_or_else(|| ProxyError::ConnectFailed {
+                    addr,
+                    source: std::io::Error::other("no workload certificate yet"),
+                })?;
+                let expected = SpiffeId::new(
+                    &identity.id.trust_domain,
+                    namespace.clone(),
+                    service.clone(),
+                );
+                let config =
+                    tls.client_config(&expected)
+                        .map_err(|e| ProxyError::ConnectFailed {
+                            addr,
+                            source: std::io::Error::other(e.to_string()),
+                        })?;
+                let connecting = tokio_rustls::TlsConnector::from(config)
+                    .connect(trellis_api::tls::server_name(), stream);
+                let result =
+                    match tokio::time::timeout(self.settings.connect_timeout, connecting).await {
+                        Ok(r) => r,
+                        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+                    };
+                let class = match &result {
+                    Ok(_) => "ok",
+                    Err(e) => trellis_api::tls::classify_handshake_error(e),
+                };
+                self.metrics
+                    .tls_handshakes
+                    .get_or_create(&HandshakeLabels {
+                        direction: "outbound",
+                        result: class,
+                    })
+                    .inc();
+                let tls_stream = result.map_err(|source| {
+                    tracing::warn!(%addr, peer = %expected, result = class, hint = trellis_api::tls::handshake_hint(class), error = %source, "mTLS handshake to peer failed");
+                    ProxyError::ConnectFailed { addr, source }
+                })?;
+                self.handshake(addr, tls_stream).await?
+            }
+            _ => self.handshake(addr, stream).await?,
+        };
+        if let Ok(mut current) = slot.current.lock() {
+            *current = Some(sender.clone());
+        }
+        Ok(sender)
+    }
+
+    async fn handshake<I>(
+        &self,
+        addr: SocketAddr,
+        io: I,
+    ) -> Result<http2::SendRequest<Body>, ProxyError>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .adaptive_window(true)
             .keep_alive_interval(Some(Duration::from_secs(20)))
             .keep_alive_timeout(Duration::from_secs(10))
-            .handshake::<_, Body>(TokioIo::new(stream))
+            .handshake::<_, Body>(TokioIo::new(io))
             .await
             .map_err(|e| ProxyError::ConnectFailed {
                 addr,
@@ -163,9 +246,6 @@ impl H2Pool {
                 tracing::debug!(%addr, error = %e, "http/2 upstream connection ended");
             }
         });
-        if let Ok(mut current) = slot.current.lock() {
-            *current = Some(sender.clone());
-        }
         Ok(sender)
     }
 
@@ -173,9 +253,10 @@ impl H2Pool {
     pub async fn send(
         &self,
         addr: SocketAddr,
+        peer: Peer<'_>,
         req: Request<Body>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let mut sender = self.sender(addr).await?;
+        let mut sender = self.sender(addr, peer).await?;
         sender.ready().await.map_err(ProxyError::upstream)?;
         sender.send_request(req).await.map_err(ProxyError::upstream)
     }

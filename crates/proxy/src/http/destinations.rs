@@ -146,6 +146,7 @@ impl DestinationState {
             .map(|e| Endpoint {
                 address: e.address,
                 meshed: true,
+                namespace: Some(e.namespace.clone()),
             })
             .collect();
         let routes = match delta.routes {
@@ -433,10 +434,12 @@ mod tests {
                     Endpoint {
                         address: "127.0.0.1:1".parse().expect("a"),
                         meshed: true,
+                        namespace: None,
                     },
                     Endpoint {
                         address: "127.0.0.1:2".parse().expect("a"),
                         meshed: false,
+                        namespace: None,
                     },
                 ],
             },
@@ -511,6 +514,7 @@ mod tests {
         let ep = |id: &str, port: u16| DiscoveredEndpoint {
             instance_id: id.into(),
             address: ([127, 0, 0, 1], port).into(),
+            namespace: Default::default(),
             zone: String::new(),
             labels: BTreeMap::new(),
         };

@@ -32,6 +32,10 @@ pub struct ForwardToApp {
 }
 
 impl ForwardToApp {
+    pub fn app_port(&self) -> u16 {
+        self.app.port()
+    }
+
     pub fn new(app: SocketAddr, clients: Clients, tunnels: TunnelCtx) -> Self {
         Self {
             app,
@@ -92,7 +96,7 @@ impl ForwardToApp {
         let from_http1_caller = req.headers_mut().remove(ORIG_PROTO).is_some();
         let mut rsp = if req.version() == Version::HTTP_2 && !from_http1_caller {
             prepare_absolute_h2(&mut req)?;
-            self.clients.h2.send(self.app, req).await?
+            self.clients.h2.send(self.app, None, req).await?
         } else {
             if from_http1_caller {
                 restore_http1(&mut req);

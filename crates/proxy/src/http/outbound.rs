@@ -16,7 +16,7 @@ use std::time::Duration;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Uri, Version};
 use tower::Service;
-use trellis_core::{Endpoint, ProtocolHint};
+use trellis_core::{Endpoint, ProtocolHint, ServiceName};
 
 use crate::body::{self, Body};
 use crate::error::ProxyError;
@@ -86,7 +86,7 @@ impl Forward {
 
         if req.method() == Method::CONNECT {
             let authority = req.uri().to_string();
-            let upstream = open_tcp(&self.clients, &endpoint, &authority).await?;
+            let upstream = open_tcp(&self.clients, &endpoint, &backend.name, &authority).await?;
             let flow = tcp_flow(meta.as_ref(), &dest);
             return Ok(tunnel::accept_connect(
                 &mut req,
@@ -113,10 +113,11 @@ impl Forward {
             || matches!(snapshot.protocol, ProtocolHint::Http2 | ProtocolHint::Grpc);
         let mut rsp = if endpoint.meshed {
             prepare_for_mesh(&mut req)?;
-            self.clients.h2.send(endpoint.address, req).await?
+            let peer = endpoint.namespace.as_ref().map(|ns| (ns, &backend.name));
+            self.clients.h2.send(endpoint.address, peer, req).await?
         } else if wants_h2 {
             prepare_absolute_h2(&mut req)?;
-            self.clients.h2.send(endpoint.address, req).await?
+            self.clients.h2.send(endpoint.address, None, req).await?
         } else {
             headers::strip_hop_by_hop(req.headers_mut());
             self.clients.send_http1(endpoint.address, req).await?
@@ -139,10 +140,12 @@ fn tcp_flow(meta: Option<&RequestMeta>, dest: &DestinationState) -> TcpFlow {
 pub async fn open_tcp(
     clients: &Clients,
     endpoint: &Endpoint,
+    service: &ServiceName,
     authority: &str,
 ) -> Result<BoxedIo, ProxyError> {
     if endpoint.meshed {
-        tunnel::open_mesh_tunnel(&clients.h2, endpoint.address, authority).await
+        let peer = endpoint.namespace.as_ref().map(|ns| (ns, service));
+        tunnel::open_mesh_tunnel(&clients.h2, endpoint.address, peer, authority).await
     } else {
         let stream = client::connect(endpoint.address, clients.settings().connect_timeout).await?;
         Ok(Box::new(stream))

@@ -10,7 +10,9 @@ use crate::access_log::AccessLog;
 use crate::http::headers::CLIENT_ID;
 use crate::http::inbound::ForwardToApp;
 use crate::http::outbound::Forward;
+use crate::identity::InboundPolicyCell;
 use crate::layers::access_log::AccessLogLayer;
+use crate::layers::authz::AuthorizeLayer;
 use crate::layers::error_response::ErrorResponseLayer;
 use crate::layers::metrics::MetricsLayer;
 use crate::layers::strip_header::StripHeaderLayer;
@@ -40,7 +42,13 @@ pub fn outbound(forward: Forward, metrics: &Metrics, access_log: &AccessLog) -> 
 }
 
 /// From another proxy (or outside the mesh) to the local app.
-pub fn inbound(forward: ForwardToApp, metrics: &Metrics, access_log: &AccessLog) -> HttpStack {
+pub fn inbound(
+    forward: ForwardToApp,
+    metrics: &Metrics,
+    access_log: &AccessLog,
+    policy: std::sync::Arc<InboundPolicyCell>,
+) -> HttpStack {
+    let app_port = forward.app_port();
     let stack = ServiceBuilder::new()
         // What the caller got, proxy errors included.
         .layer(AccessLogLayer::new(access_log.clone()))
@@ -50,6 +58,9 @@ pub fn inbound(forward: ForwardToApp, metrics: &Metrics, access_log: &AccessLog)
         .layer(ErrorResponseLayer::new(metrics.clone()))
         // Identity comes from the connection (mTLS), never from a header a caller sent.
         .layer(StripHeaderLayer::new(CLIENT_ID))
+        // Who may call: a denial is a classified 403; an allowed request carries the caller's
+        // verified identity to the app.
+        .layer(AuthorizeLayer::new(policy, metrics.clone(), app_port))
         // Hand to the app in the caller's original protocol.
         .service(forward);
     BoxCloneSyncService::new(stack)

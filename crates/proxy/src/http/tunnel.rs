@@ -22,6 +22,7 @@ use crate::tcp::{BoxedIo, TcpFlow, splice};
 pub async fn open_mesh_tunnel(
     pool: &H2Pool,
     addr: SocketAddr,
+    peer: crate::http::client::Peer<'_>,
     authority: &str,
 ) -> Result<BoxedIo, ProxyError> {
     let req = Request::builder()
@@ -30,7 +31,7 @@ pub async fn open_mesh_tunnel(
         .version(http::Version::HTTP_2)
         .body(body::empty())
         .map_err(|e| ProxyError::Malformed(format!("tunnel authority {authority:?}: {e}")))?;
-    let rsp = pool.send(addr, req).await?;
+    let rsp = pool.send(addr, peer, req).await?;
     if !rsp.status().is_success() {
         return Err(ProxyError::upstream(format!(
             "peer refused tunnel with status {}",

@@ -115,7 +115,7 @@ impl<F: Future<Output = Result<HttpResponse, ProxyError>>> Future for ErrorRespo
 
 /// The response for `err`; `grpc` selects the gRPC trailers-only form.
 pub fn error_response(err: &ProxyError, grpc: bool) -> HttpResponse {
-    let reason = HeaderValue::from_static(err.reason());
+    let reason = err.header_value();
     let mut rsp = if grpc {
         let mut rsp = Response::new(body::empty());
         let headers = rsp.headers_mut();

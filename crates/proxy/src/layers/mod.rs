@@ -2,6 +2,7 @@
 //! The stacks that assemble them live in [`crate::http::stack`].
 
 pub mod access_log;
+pub mod authz;
 pub mod error_response;
 pub mod metrics;
 pub mod strip_header;

@@ -1,0 +1,175 @@
+//! Inbound authorization: decides each request (and each TCP tunnel, a `CONNECT`) from the
+//! caller's verified identity and the policies pushed for this service, counts the decision,
+//! and hands the app the caller's identity as `x-trellis-client-id`.
+//!
+//! The policy set is read per request, so a change applies to requests on connections that
+//! are already open.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{HeaderValue, Method};
+use tower::{Layer, Service};
+use trellis_core::authz::{AuthzRequest, authorize};
+use trellis_core::discovery::{Headers, RequestFacts};
+use trellis_core::identity::SpiffeId;
+
+use super::{HttpRequest, HttpResponse};
+use crate::error::ProxyError;
+use crate::http::headers::CLIENT_ID;
+use crate::identity::InboundPolicyCell;
+use crate::metrics::{AuthzLabels, Label, Metrics};
+
+/// Extension: the caller's identity from the mTLS handshake (`None`: plaintext).
+#[derive(Debug, Clone, Default)]
+pub struct PeerIdentity(pub Option<Arc<SpiffeId>>);
+
+#[derive(Clone)]
+pub struct AuthorizeLayer {
+    policy: Arc<InboundPolicyCell>,
+    metrics: Metrics,
+    app_port: u16,
+}
+
+impl AuthorizeLayer {
+    pub fn new(policy: Arc<InboundPolicyCell>, metrics: Metrics, app_port: u16) -> Self {
+        Self {
+            policy,
+            metrics,
+            app_port,
+        }
+    }
+}
+
+impl<S> Layer<S> for AuthorizeLayer {
+    type Service = Authorize<S>;
+    fn layer(&self, inner: S) -> Authorize<S> {
+        Authorize {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Authorize<S> {
+    inner: S,
+    layer: AuthorizeLayer,
+}
+
+struct RequestHeaders<'a>(&'a http::HeaderMap);
+
+impl Headers for RequestHeaders<'_> {
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+impl<S> Service<HttpRequest> for Authorize<S>
+where
+    S: Service<HttpRequest, Response = HttpResponse, Error = ProxyError>,
+    S::Future: Send + 'static,
+{
+    type Response = HttpResponse;
+    type Error = ProxyError;
+    type Future = decision::AuthorizeFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: HttpRequest) -> Self::Future {
+        let peer = req
+            .extensions()
+            .get::<PeerIdentity>()
+            .and_then(|p| p.0.clone());
+        let policy = self.layer.policy.current();
+        let tunnel = req.method() == Method::CONNECT;
+        let route = (!tunnel)
+            .then(|| {
+                let facts = RequestFacts {
+                    method: req.method().as_str(),
+                    path: req.uri().path(),
+                    query: req.uri().query(),
+                    headers: &RequestHeaders(req.headers()),
+                };
+                policy
+                    .routes
+                    .select_index(&facts)
+                    .map(|i| policy.routes.rules[i].name.as_str())
+            })
+            .flatten();
+        let decision = authorize(
+            &policy.policies,
+            policy.default_policy,
+            &AuthzRequest {
+                caller: peer.as_deref(),
+                method: (!tunnel).then(|| req.method().as_str()),
+                path: (!tunnel).then(|| req.uri().path()),
+                port: self.layer.app_port,
+                route,
+            },
+        );
+        let count = |decision: &'static str, policy: &str| {
+            self.layer
+                .metrics
+                .authz_decisions
+                .get_or_create(&AuthzLabels {
+                    decision,
+                    policy: Label::from(policy),
+                })
+                .inc();
+        };
+        for audited in &decision.audited {
+            count("audit", audited);
+            tracing::info!(caller = ?peer.as_deref().map(ToString::to_string), method = %req.method(), path = req.uri().path(), policy = %audited, "audit: this request would be denied");
+        }
+        if !decision.allowed() {
+            count("deny", &decision.reason);
+            tracing::info!(caller = ?peer.as_deref().map(ToString::to_string), method = %req.method(), path = req.uri().path(), policy = %decision.reason, "denied by authorization policy");
+            return decision::AuthorizeFuture::Denied {
+                error: Some(ProxyError::Denied {
+                    detail: decision.denial_header(),
+                }),
+            };
+        }
+        count("allow", &decision.reason);
+        if let Some(id) = &peer
+            && let Ok(v) = HeaderValue::from_str(&id.to_string())
+        {
+            req.headers_mut().insert(CLIENT_ID, v);
+        }
+        decision::AuthorizeFuture::Allowed {
+            inner: self.inner.call(req),
+        }
+    }
+}
+
+mod decision {
+    use super::*;
+
+    pin_project_lite::pin_project! {
+        /// The inner call, or an immediate denial.
+        #[project = EitherProj]
+        pub enum AuthorizeFuture<F> {
+            Allowed { #[pin] inner: F },
+            Denied { error: Option<ProxyError> },
+        }
+    }
+
+    impl<F: Future<Output = Result<HttpResponse, ProxyError>>> Future for AuthorizeFuture<F> {
+        type Output = Result<HttpResponse, ProxyError>;
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            match self.project() {
+                EitherProj::Allowed { inner } => inner.poll(cx),
+                EitherProj::Denied { error } => {
+                    Poll::Ready(Err(error.take().unwrap_or(ProxyError::Denied {
+                        detail: "denied".into(),
+                    })))
+                }
+            }
+        }
+    }
+}
