@@ -162,6 +162,31 @@ async fn mtls_identity_and_policy_between_real_proxies() {
     );
     assert!(!body.contains("svc/admin"), "{body}");
 
+    // A WebSocket upgrade gets a connection of its own, over mTLS too.
+    let mut ws = tokio::net::TcpStream::connect(up).await.unwrap();
+    ws.write_all(b"GET /ws HTTP/1.1\r\nHost: orders\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        assert_eq!(
+            ws.read(&mut b).await.unwrap(),
+            1,
+            "closed before 101: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    ws.write_all(b"websocket-frame").await.unwrap();
+    let mut back = [0u8; 15];
+    ws.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"websocket-frame");
+    drop(ws);
+
     // Nothing readable crossed the wire: a TLS 1.3 handshake, then encrypted records.
     let captured = wire.lock().unwrap().clone();
     assert!(

@@ -70,6 +70,40 @@ impl Clients {
         }
     }
 
+    /// Sends an HTTP/1.1 request (an `Upgrade`) on a connection of its own: mTLS to a peer
+    /// proxy with a known identity, else plain [`Clients::send_http1`].
+    pub async fn send_http1_upgrade(
+        &self,
+        addr: SocketAddr,
+        peer: Peer<'_>,
+        mut req: Request<Body>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let Some(peer) = peer.filter(|_| self.h2.identity.is_some()) else {
+            return self.send_http1(addr, req).await;
+        };
+        let stream = connect(addr, self.settings.connect_timeout).await?;
+        let tls = self.h2.mtls(addr, stream, peer, Alpn::Http1).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(tls))
+                .await
+                .map_err(ProxyError::upstream)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(%addr, error = %e, "upgraded mTLS connection ended");
+            }
+        });
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        *req.uri_mut() = path
+            .parse()
+            .map_err(|e| ProxyError::Malformed(format!("uri: {e}")))?;
+        *req.version_mut() = http::Version::HTTP_11;
+        sender.send_request(req).await.map_err(ProxyError::upstream)
+    }
+
     /// Sends an HTTP/1.1 request to `addr`, keeping its Host header. `req`'s URI is rewritten to
     /// point at `addr`.
     pub async fn send_http1(
@@ -112,6 +146,14 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, P
     // Latency matters more than packet count for request/response traffic.
     let _ = stream.set_nodelay(true);
     Ok(stream)
+}
+
+/// The protocol offered inside mTLS: HTTP/2 (the shared connection) or HTTP/1.1 (a
+/// connection of its own, for `Upgrade` requests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alpn {
+    H2,
+    Http1,
 }
 
 /// One shared HTTP/2 connection per upstream address.
@@ -173,46 +215,10 @@ impl H2Pool {
             return Ok(s);
         }
         let stream = connect(addr, self.settings.connect_timeout).await?;
-        let sender = match (&self.identity, peer) {
-            (Some(identity), Some((namespace, service))) => {
-                let tls = identity.tls().ok_or_else(|| ProxyError::ConnectFailed {
-                    addr,
-                    source: std::io::Error::other("no workload certificate yet"),
-                })?;
-                let expected = SpiffeId::new(
-                    &identity.id.trust_domain,
-                    namespace.clone(),
-                    service.clone(),
-                );
-                let config =
-                    tls.client_config(&expected)
-                        .map_err(|e| ProxyError::ConnectFailed {
-                            addr,
-                            source: std::io::Error::other(e.to_string()),
-                        })?;
-                let connecting = tokio_rustls::TlsConnector::from(config)
-                    .connect(trellis_api::tls::server_name(), stream);
-                let result =
-                    match tokio::time::timeout(self.settings.connect_timeout, connecting).await {
-                        Ok(r) => r,
-                        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
-                    };
-                let class = match &result {
-                    Ok(_) => "ok",
-                    Err(e) => trellis_api::tls::classify_handshake_error(e),
-                };
-                self.metrics
-                    .tls_handshakes
-                    .get_or_create(&HandshakeLabels {
-                        direction: "outbound",
-                        result: class,
-                    })
-                    .inc();
-                let tls_stream = result.map_err(|source| {
-                    tracing::warn!(%addr, peer = %expected, result = class, hint = trellis_api::tls::handshake_hint(class), error = %source, "mTLS handshake to peer failed");
-                    ProxyError::ConnectFailed { addr, source }
-                })?;
-                self.handshake(addr, tls_stream).await?
+        let sender = match peer {
+            Some(peer) if self.identity.is_some() => {
+                let tls = self.mtls(addr, stream, peer, Alpn::H2).await?;
+                self.handshake(addr, tls).await?
             }
             _ => self.handshake(addr, stream).await?,
         };
@@ -220,6 +226,61 @@ impl H2Pool {
             *current = Some(sender.clone());
         }
         Ok(sender)
+    }
+
+    /// The mTLS handshake with the peer proxy at `addr`, which must present `peer`'s identity.
+    pub async fn mtls(
+        &self,
+        addr: SocketAddr,
+        stream: TcpStream,
+        (namespace, service): (&Namespace, &ServiceName),
+        alpn: Alpn,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ProxyError> {
+        let failed = |reason: String| ProxyError::ConnectFailed {
+            addr,
+            source: std::io::Error::other(reason),
+        };
+        let identity = self
+            .identity
+            .as_ref()
+            .ok_or_else(|| failed("no workload identity (static mode)".into()))?;
+        let tls = identity
+            .tls()
+            .ok_or_else(|| failed("no workload certificate yet".into()))?;
+        let expected = SpiffeId::new(
+            &identity.id.trust_domain,
+            namespace.clone(),
+            service.clone(),
+        );
+        let mut config = tls
+            .client_config(&expected)
+            .map_err(|e| failed(e.to_string()))?;
+        if alpn == Alpn::Http1 {
+            let mut http1 = (*config).clone();
+            http1.alpn_protocols.clear();
+            config = Arc::new(http1);
+        }
+        let connecting = tokio_rustls::TlsConnector::from(config)
+            .connect(trellis_api::tls::server_name(), stream);
+        let result = match tokio::time::timeout(self.settings.connect_timeout, connecting).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+        };
+        let class = match &result {
+            Ok(_) => "ok",
+            Err(e) => trellis_api::tls::classify_handshake_error(e),
+        };
+        self.metrics
+            .tls_handshakes
+            .get_or_create(&HandshakeLabels {
+                direction: "outbound",
+                result: class,
+            })
+            .inc();
+        result.map_err(|source| {
+            tracing::warn!(%addr, peer = %expected, result = class, hint = trellis_api::tls::handshake_hint(class), error = %source, "mTLS handshake to peer failed");
+            ProxyError::ConnectFailed { addr, source }
+        })
     }
 
     async fn handshake<I>(

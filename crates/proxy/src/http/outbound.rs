@@ -99,7 +99,15 @@ impl Forward {
             // Upgrades need a connection of their own: plain HTTP/1.1 to the endpoint (a peer
             // proxy's inbound speaks HTTP/1 too) and then a byte splice.
             let client_upgrade = hyper::upgrade::on(&mut req);
-            let rsp = self.clients.send_http1(endpoint.address, req).await?;
+            let peer = endpoint
+                .namespace
+                .as_ref()
+                .filter(|_| endpoint.meshed)
+                .map(|ns| (ns, &backend.name));
+            let rsp = self
+                .clients
+                .send_http1_upgrade(endpoint.address, peer, req)
+                .await?;
             let flow = tcp_flow(meta.as_ref(), &dest);
             return Ok(tunnel::relay_upgrade(
                 client_upgrade,
