@@ -55,6 +55,9 @@ enum Command {
     /// Join tokens: what a proxy presents (`--token-file`) to get its service's identity.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The mesh CA: root rotation and status.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Runs a whole mesh on this machine from one file (control plane, apps, proxies).
     Up {
         #[arg(short = 'f', long = "filename")]
@@ -70,6 +73,18 @@ enum Command {
     ExampleApp(example_app::ExampleArgs),
     /// Prints the version.
     Version,
+}
+
+#[derive(clap::Subcommand)]
+pub(crate) enum CaCommand {
+    /// Starts a root rotation (new root signs, old and new are trusted; every proxy renews),
+    /// or with --finish retires the old root once every proxy has renewed.
+    Rotate {
+        #[arg(long)]
+        finish: bool,
+    },
+    /// Shows the rotation phase and how many roots are trusted.
+    Status,
 }
 
 #[derive(clap::Subcommand)]
@@ -201,6 +216,7 @@ fn main() -> ExitCode {
             namespace,
         } => rt.block_on(resources::delete(&api(), kind, name, namespace)),
         Command::Token(cmd) => rt.block_on(resources::token(&api(), cmd)),
+        Command::Ca(cmd) => rt.block_on(resources::ca(&api(), cmd)),
     };
     match result {
         Ok(code) => code,

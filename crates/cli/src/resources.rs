@@ -391,6 +391,29 @@ pub(crate) async fn token(
     Ok(ExitCode::SUCCESS)
 }
 
+pub(crate) async fn ca(api: &ApiClient, cmd: &crate::CaCommand) -> Result<ExitCode, ClientError> {
+    let (status, body) = match cmd {
+        crate::CaCommand::Rotate { finish } => {
+            let req = serde_json::json!({ "finish": finish }).to_string();
+            api.call(Method::POST, "/api/v1/ca/rotation", Some(req))
+                .await?
+        }
+        crate::CaCommand::Status => api.call(Method::GET, "/api/v1/ca/rotation", None).await?,
+    };
+    if status != 200 {
+        print_errors(&body);
+        return Ok(ExitCode::from(1));
+    }
+    let phase = body["phase"].as_str().unwrap_or("?");
+    println!("phase: {phase}, trusted roots: {}", body["roots"]);
+    if phase == "rotating" {
+        println!(
+            "proxies renew under the new root within seconds; then run `trellis ca rotate --finish`"
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

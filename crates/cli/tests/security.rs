@@ -555,3 +555,172 @@ async fn bad_client_certificates_are_refused_with_precise_reasons() {
     )
     .await;
 }
+
+async fn identity_expiry(admin: SocketAddr) -> i64 {
+    let (_, m) = trellis_test_support::mesh::http_call(admin, "GET", "/metrics", "", None).await;
+    m.lines()
+        .find_map(|l| l.strip_prefix("trellis_identity_expiry_timestamp_seconds "))
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .unwrap_or(0)
+}
+
+/// `trellis ca rotate` and `--finish` under steady traffic: every proxy renews under the new
+/// root, proxies that join during and after the rotation are served, no request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_rotation_under_load_fails_no_request() {
+    let data = std::env::temp_dir().join(format!("trellis-rotation-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let running = trellis_control::start(trellis_control::ControlConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+        data.clone(),
+    ))
+    .await
+    .unwrap();
+    let cp = ControlPlane {
+        grpc: running.grpc_addr,
+        http: running.http_addr,
+        data: data.clone(),
+    };
+    let app = http_server::spawn("orders").await;
+    let orders = proxy(
+        "orders",
+        &cp,
+        &["--app", &app.addr.to_string(), "--inbound", "127.0.0.1:0"],
+    )
+    .await;
+    let web = proxy(
+        "web",
+        &cp,
+        &[
+            "--inbound",
+            "127.0.0.1:0",
+            "--upstream",
+            "orders=127.0.0.1:0",
+        ],
+    )
+    .await;
+    let up = web.bound.upstreams[&trellis_core::ServiceName::new("orders").unwrap()];
+    eventually(
+        "web reaches orders",
+        Duration::from_secs(10),
+        || async move { (get(up, "/", "").await.0 == 200).then_some(()) },
+    )
+    .await;
+    let old_root = std::fs::read_to_string(data.join("ca/root.pem")).unwrap();
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match get(up, "/", "").await {
+                    (200, _) => ok += 1,
+                    (s, body) => failed.push((s, body.lines().last().unwrap_or("").to_owned())),
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (ok, failed)
+        }
+    });
+    let admin = cp.admin_token();
+    let before = (
+        identity_expiry(orders.bound.admin).await,
+        identity_expiry(web.bound.admin).await,
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (s, body) = trellis_test_support::mesh::http_call(
+        cp.http,
+        "POST",
+        "/api/v1/ca/rotation",
+        "{}",
+        Some(&admin),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert!(body.contains("\"roots\":2"), "{body}");
+    let new_root = std::fs::read_to_string(data.join("ca/root.pem")).unwrap();
+    assert_ne!(old_root, new_root);
+    // Every proxy renews under the new root after the bundle grace.
+    let (o, w) = (orders.bound.admin, web.bound.admin);
+    eventually(
+        "both proxies renewed",
+        Duration::from_secs(20),
+        || async move {
+            (identity_expiry(o).await > before.0 && identity_expiry(w).await > before.1)
+                .then_some(())
+        },
+    )
+    .await;
+    let during = proxy(
+        "web",
+        &cp,
+        &[
+            "--inbound",
+            "127.0.0.1:0",
+            "--upstream",
+            "orders=127.0.0.1:0",
+        ],
+    )
+    .await;
+    let during_up = during.bound.upstreams[&trellis_core::ServiceName::new("orders").unwrap()];
+    eventually(
+        "a proxy joining mid-rotation is served",
+        Duration::from_secs(10),
+        || async move { (get(during_up, "/", "").await.0 == 200).then_some(()) },
+    )
+    .await;
+
+    let (s, body) = trellis_test_support::mesh::http_call(
+        cp.http,
+        "POST",
+        "/api/v1/ca/rotation",
+        "{\"finish\":true}",
+        Some(&admin),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert!(body.contains("\"roots\":1"), "{body}");
+    let bundle = std::fs::read_to_string(data.join("ca/bundle.pem")).unwrap();
+    assert_eq!(
+        bundle.trim(),
+        new_root.trim(),
+        "only the new root is trusted"
+    );
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let after = proxy(
+        "web",
+        &cp,
+        &[
+            "--inbound",
+            "127.0.0.1:0",
+            "--upstream",
+            "orders=127.0.0.1:0",
+        ],
+    )
+    .await;
+    let after_up = after.bound.upstreams[&trellis_core::ServiceName::new("orders").unwrap()];
+    eventually(
+        "a proxy joining after the rotation is served",
+        Duration::from_secs(10),
+        || async move {
+            let r = get(after_up, "/", "").await;
+            (r.0 == 200).then_some(())
+        },
+    )
+    .await;
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = traffic.await.unwrap();
+    eprintln!(
+        "requests during the rotation: {ok} ok, {} failed",
+        failed.len()
+    );
+    assert!(ok > 500, "steady traffic ({ok})");
+    assert!(
+        failed.is_empty(),
+        "failed: {:?}",
+        &failed[..failed.len().min(5)]
+    );
+}

@@ -12,6 +12,8 @@ use rcgen::{
     DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
     PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
 };
+use std::sync::Arc;
+
 use ring::rand::{SecureRandom, SystemRandom};
 use trellis_core::identity::SpiffeId;
 
@@ -53,11 +55,28 @@ pub struct Issued {
 }
 
 pub struct Ca {
+    dir: PathBuf,
+    signing: std::sync::RwLock<Arc<Signing>>,
+    workload_ttl: Duration,
+    rng: SystemRandom,
+    /// Whether the root is operator-provided (then `trellis ca rotate` cannot make a new one).
+    provided: bool,
+}
+
+/// What signs now, and what is trusted.
+struct Signing {
     intermediate: Issuer<'static, KeyPair>,
     intermediate_pem: String,
     bundle_pem: String,
-    workload_ttl: Duration,
-    rng: SystemRandom,
+}
+
+/// Where a root rotation stands.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationStatus {
+    /// `rotating` (old and new root trusted, new one signing) or `done` (one root).
+    pub phase: String,
+    pub roots: usize,
 }
 
 fn material(e: impl std::fmt::Display) -> CaError {
@@ -112,6 +131,7 @@ impl Ca {
             reason: e.to_string(),
         })?;
         let rng = SystemRandom::new();
+        let provided_root = provided.is_some();
         let (root_pem, root_key_pem) = match provided {
             Some((cert, key)) => {
                 let missing = |p: &Path| CaError::File {
@@ -125,35 +145,60 @@ impl Ca {
             }
             None => match (read(&dir.join("root.pem"))?, read(&dir.join("root.key"))?) {
                 (Some(c), Some(k)) => (c, k),
-                _ => {
-                    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(material)?;
-                    let params = ca_params(
-                        "Trellis root CA",
-                        BasicConstraints::Unconstrained,
-                        ROOT_TTL,
-                        serial(&rng)?,
-                    );
-                    let root = CertifiedIssuer::self_signed(params, key).map_err(material)?;
-                    let (c, k) = (root.pem(), root.key().serialize_pem());
-                    write(&dir.join("root.key"), &k, true)?;
-                    write(&dir.join("root.pem"), &c, false)?;
-                    tracing::info!(dir = %dir.display(), "created a new root CA");
-                    (c, k)
-                }
+                _ => new_root(dir, &rng)?,
             },
         };
-        let root_key = KeyPair::from_pem(&root_key_pem)
+        let signing = signing_from(dir, &root_pem, &root_key_pem, &rng)?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            signing: std::sync::RwLock::new(Arc::new(signing)),
+            workload_ttl: workload_ttl.max(MIN_WORKLOAD_TTL),
+            rng,
+            provided: provided_root,
+        })
+    }
+}
+
+fn new_root(dir: &Path, rng: &SystemRandom) -> Result<(String, String), CaError> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(material)?;
+    let params = ca_params(
+        &format!(
+            "Trellis root CA {}",
+            trellis_core::time::rfc3339(SystemTime::now())
+        ),
+        BasicConstraints::Unconstrained,
+        ROOT_TTL,
+        serial(rng)?,
+    );
+    let root = CertifiedIssuer::self_signed(params, key).map_err(material)?;
+    let (c, k) = (root.pem(), root.key().serialize_pem());
+    write(&dir.join("root.key"), &k, true)?;
+    write(&dir.join("root.pem"), &c, false)?;
+    tracing::info!(dir = %dir.display(), "created a new root CA");
+    Ok((c, k))
+}
+
+/// The intermediate under `root` (reused from `dir` when it is this root's and not close to
+/// expiry) and the bundle (`bundle.pem`, which must contain the root).
+fn signing_from(
+    dir: &Path,
+    root_pem: &str,
+    root_key_pem: &str,
+    rng: &SystemRandom,
+) -> Result<Signing, CaError> {
+    {
+        let root_key = KeyPair::from_pem(root_key_pem)
             .map_err(|e| material(format!("root key (PKCS#8 ECDSA P-256 PEM expected): {e}")))?;
-        let root = Issuer::from_ca_cert_pem(&root_pem, root_key)
+        let root = Issuer::from_ca_cert_pem(root_pem, root_key)
             .map_err(|e| material(format!("root certificate: {e}")))?;
         let root_der = trellis_api::tls::parse_certs(root_pem.as_bytes()).map_err(material)?;
-        let root_subject = subject_of(root_der[0].as_ref())?;
+        let root_der = root_der[0].clone();
 
         let existing = match (
             read(&dir.join("intermediate.pem"))?,
             read(&dir.join("intermediate.key"))?,
         ) {
-            (Some(c), Some(k)) if intermediate_usable(&c, &root_subject)? => Some((c, k)),
+            (Some(c), Some(k)) if intermediate_usable(&c, root_der.as_ref())? => Some((c, k)),
             _ => None,
         };
         let (int_pem, int_key_pem) = match existing {
@@ -164,7 +209,7 @@ impl Ca {
                     "Trellis intermediate CA",
                     BasicConstraints::Constrained(0),
                     INTERMEDIATE_TTL,
-                    serial(&rng)?,
+                    serial(rng)?,
                 );
                 let int = CertifiedIssuer::signed_by(params, key, &root).map_err(material)?;
                 let (c, k) = (int.pem(), int.key().serialize_pem());
@@ -180,21 +225,83 @@ impl Ca {
         let bundle_pem = match read(&dir.join("bundle.pem"))? {
             Some(b) if b.contains(root_pem.trim()) => b,
             _ => {
-                write(&dir.join("bundle.pem"), &root_pem, false)?;
-                root_pem.clone()
+                write(&dir.join("bundle.pem"), root_pem, false)?;
+                root_pem.to_owned()
             }
         };
-        Ok(Self {
+        Ok(Signing {
             intermediate,
             intermediate_pem: int_pem,
             bundle_pem,
-            workload_ttl: workload_ttl.max(MIN_WORKLOAD_TTL),
-            rng,
         })
     }
+}
 
-    pub fn bundle_pem(&self) -> &str {
-        &self.bundle_pem
+impl Ca {
+    fn signing(&self) -> Arc<Signing> {
+        self.signing
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Root rotation, step one: a new root and intermediate sign from now on; the bundle
+    /// trusts both the old and the new root until [`Ca::finish_rotation`].
+    pub fn start_rotation(&self) -> Result<RotationStatus, CaError> {
+        if self.provided {
+            return Err(material(
+                "the root was provided with --ca-cert; rotate it by restarting with a new one",
+            ));
+        }
+        let mut slot = self.signing.write().unwrap_or_else(|p| p.into_inner());
+        let old_root = read(&self.dir.join("root.pem"))?.unwrap_or_default();
+        // A new intermediate is made because the old one is not this root's.
+        let (root_pem, root_key_pem) = new_root(&self.dir, &self.rng)?;
+        write(
+            &self.dir.join("bundle.pem"),
+            &format!("{}\n{}", root_pem.trim(), old_root.trim()),
+            false,
+        )?;
+        let signing = signing_from(&self.dir, &root_pem, &root_key_pem, &self.rng)?;
+        *slot = Arc::new(signing);
+        tracing::info!("root rotation started: new root signs; old and new roots are trusted");
+        Ok(self.status_of(&slot))
+    }
+
+    /// Root rotation, step two: only the current root stays in the bundle.
+    pub fn finish_rotation(&self) -> Result<RotationStatus, CaError> {
+        let mut slot = self.signing.write().unwrap_or_else(|p| p.into_inner());
+        let root_pem = read(&self.dir.join("root.pem"))?.unwrap_or_default();
+        write(&self.dir.join("bundle.pem"), &root_pem, false)?;
+        *slot = Arc::new(Signing {
+            intermediate: Issuer::from_ca_cert_pem(
+                &slot.intermediate_pem,
+                KeyPair::from_pem(&read(&self.dir.join("intermediate.key"))?.unwrap_or_default())
+                    .map_err(material)?,
+            )
+            .map_err(material)?,
+            intermediate_pem: slot.intermediate_pem.clone(),
+            bundle_pem: root_pem,
+        });
+        tracing::info!("root rotation finished: the old root is no longer trusted");
+        Ok(self.status_of(&slot))
+    }
+
+    pub fn rotation_status(&self) -> RotationStatus {
+        self.status_of(&self.signing())
+    }
+
+    fn status_of(&self, signing: &Signing) -> RotationStatus {
+        let roots =
+            trellis_api::tls::parse_certs(signing.bundle_pem.as_bytes()).map_or(0, |c| c.len());
+        RotationStatus {
+            phase: if roots > 1 { "rotating" } else { "done" }.into(),
+            roots,
+        }
+    }
+
+    pub fn bundle_pem(&self) -> String {
+        self.signing().bundle_pem.clone()
     }
 
     pub fn workload_ttl(&self) -> Duration {
@@ -260,9 +367,10 @@ impl Ca {
         let serial = serial(&self.rng)?;
         p.serial_number = Some(serial.clone());
         p.use_authority_key_identifier_extension = true;
-        let leaf = p.signed_by(key, &self.intermediate).map_err(material)?;
+        let signing = self.signing();
+        let leaf = p.signed_by(key, &signing.intermediate).map_err(material)?;
         Ok(Issued {
-            chain_pem: format!("{}{}", leaf.pem(), self.intermediate_pem),
+            chain_pem: format!("{}{}", leaf.pem(), signing.intermediate_pem),
             not_after_unix: unix(not_after),
             serial: serial.as_ref().iter().map(|b| format!("{b:02x}")).collect(),
         })
@@ -321,20 +429,18 @@ fn serial(rng: &SystemRandom) -> Result<SerialNumber, CaError> {
     Ok(SerialNumber::from_slice(&b))
 }
 
-fn subject_of(der: &[u8]) -> Result<Vec<u8>, CaError> {
-    use x509_parser::prelude::FromDer;
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).map_err(material)?;
-    Ok(cert.subject().as_raw().to_vec())
-}
-
-/// An intermediate signed by this root (by name) and not close to expiry.
-fn intermediate_usable(pem: &str, root_subject: &[u8]) -> Result<bool, CaError> {
+/// An intermediate signed by this root (its signature checks out with the root's key) and not
+/// close to expiry.
+fn intermediate_usable(pem: &str, root_der: &[u8]) -> Result<bool, CaError> {
     use x509_parser::prelude::FromDer;
     let der = trellis_api::tls::parse_certs(pem.as_bytes()).map_err(material)?;
     let (_, cert) =
         x509_parser::certificate::X509Certificate::from_der(der[0].as_ref()).map_err(material)?;
+    let (_, root) =
+        x509_parser::certificate::X509Certificate::from_der(root_der).map_err(material)?;
     let renew_at = unix(SystemTime::now() + INTERMEDIATE_RENEW_BEFORE);
-    Ok(cert.issuer().as_raw() == root_subject && cert.validity().not_after.timestamp() > renew_at)
+    Ok(cert.verify_signature(Some(root.public_key())).is_ok()
+        && cert.validity().not_after.timestamp() > renew_at)
 }
 
 #[cfg(test)]

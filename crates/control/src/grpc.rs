@@ -245,6 +245,9 @@ impl pb::proxy_control_server::ProxyControl for ControlService {
                 let msg = match push {
                     Push::Destination(d) => pb::control_message::Message::Destination((&d).into()),
                     Push::MeshConfig(m) => pb::control_message::Message::MeshConfig((&m).into()),
+                    Push::TrustBundle(pem) => {
+                        pb::control_message::Message::TrustBundle(pb::TrustBundle { pem })
+                    }
                     Push::Inbound(v) => {
                         pb::control_message::Message::InboundPolicy(pb::InboundPolicy {
                             policies: v.policies.iter().map(Into::into).collect(),

@@ -27,6 +27,7 @@ pub struct ApiState {
     pub admin_token: String,
     pub tokens: Arc<Tokens>,
     pub ca: Arc<Ca>,
+    pub ca_ops: Arc<crate::rotation::CaOps>,
 }
 
 type Shared = Arc<ApiState>;
@@ -48,6 +49,7 @@ pub fn router(state: Shared) -> Router {
         .route("/api/v1/tokens", get(list_tokens).post(create_token))
         .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/api/v1/ca/bundle", get(trust_bundle))
+        .route("/api/v1/ca/rotation", get(rotation_status).post(rotate))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_admin,
@@ -160,6 +162,42 @@ async fn revoke_token(State(st): State<Shared>, Path(id): Path<String>) -> Respo
         }
         Ok(false) => error(StatusCode::NOT_FOUND, format!("no join token {id}")),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn rotation_status(State(st): State<Shared>) -> Response {
+    axum::Json(st.ca.rotation_status()).into_response()
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RotateRequest {
+    #[serde(default)]
+    finish: bool,
+}
+
+/// `{}` starts a root rotation, `{"finish": true}` retires the old root.
+async fn rotate(State(st): State<Shared>, body: Bytes) -> Response {
+    let req: RotateRequest = if body.is_empty() {
+        RotateRequest::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("rotation request: {e}")),
+        }
+    };
+    let ops = st.ca_ops.clone();
+    let outcome = if req.finish {
+        ops.finish()
+    } else {
+        ops.start()
+    };
+    match outcome {
+        Ok(status) => {
+            tracing::info!(phase = %status.phase, roots = status.roots, "root rotation step done");
+            axum::Json(status).into_response()
+        }
+        Err(e) => error(StatusCode::CONFLICT, e.to_string()),
     }
 }
 

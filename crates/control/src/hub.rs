@@ -27,6 +27,7 @@ pub enum Push {
     Destination(DestinationDelta),
     MeshConfig(MeshConfigSpec),
     Inbound(InboundView),
+    TrustBundle(String),
 }
 
 /// What a proxy needs to authorize its own inbound traffic: the policies targeting its service
@@ -490,6 +491,14 @@ impl Hub {
         self.metrics.proxies_connected.set(st.sessions.len() as i64);
     }
 
+    /// Sends every connected proxy the trust bundle (a root rotation).
+    pub fn broadcast_trust_bundle(&self, pem: String) {
+        let st = self.lock();
+        for s in st.sessions.values() {
+            let _ = s.tx.try_send(Push::TrustBundle(pem.clone()));
+        }
+    }
+
     /// Completes after the next registry change.
     pub async fn registry_changed(&self) {
         self.registry_changed.notified().await;
@@ -570,7 +579,7 @@ mod tests {
         loop {
             match rx.try_recv().expect("a push") {
                 Push::Destination(d) => return d,
-                Push::MeshConfig(_) | Push::Inbound(_) => continue,
+                Push::MeshConfig(_) | Push::Inbound(_) | Push::TrustBundle(_) => continue,
             }
         }
     }

@@ -9,6 +9,7 @@ pub mod grpc;
 pub mod http_api;
 pub mod hub;
 pub mod metrics;
+pub mod rotation;
 pub mod store;
 pub mod tls_server;
 pub mod tokens;
@@ -242,31 +243,34 @@ pub async fn start(config: ControlConfig) -> Result<Running, StartError> {
     // The gRPC API is TLS only, with a certificate from our own CA, replaced well before it
     // expires; proxies without a certificate yet may connect (to present a join token).
     let own_id = trellis_core::identity::SpiffeId::control_plane(&config.trust_domain);
-    let issue_own = {
-        let ca = ca.clone();
-        move || -> Result<Arc<rustls::sign::CertifiedKey>, StartError> {
-            let (issued, key_pem) = ca.issue_own(&own_id, OWN_CERT_TTL)?;
-            Ok(trellis_api::tls::certified_key(
-                issued.chain_pem.as_bytes(),
-                key_pem.as_bytes(),
-            )?)
-        }
-    };
-    let own_cert = trellis_api::tls::CertResolver::new(issue_own()?);
-    let server_tls = trellis_api::tls::server_config(
-        trellis_api::tls::root_store(ca.bundle_pem().as_bytes())?,
-        own_cert.clone(),
-        trellis_api::tls::ClientAuth::Optional,
-    )?;
-    let stop = shutdown.clone();
+    let (issued, key_pem) = ca.issue_own(&own_id, OWN_CERT_TTL)?;
+    let own_cert = trellis_api::tls::CertResolver::new(trellis_api::tls::certified_key(
+        issued.chain_pem.as_bytes(),
+        key_pem.as_bytes(),
+    )?);
+    let server_tls: rotation::ServerTls =
+        Arc::new(std::sync::RwLock::new(trellis_api::tls::server_config(
+            trellis_api::tls::root_store(ca.bundle_pem().as_bytes())?,
+            own_cert.clone(),
+            trellis_api::tls::ClientAuth::Optional,
+        )?));
+    let ca_ops = Arc::new(rotation::CaOps {
+        ca: ca.clone(),
+        hub: hub.clone(),
+        server_tls: server_tls.clone(),
+        own_cert,
+        own_id,
+        own_ttl: OWN_CERT_TTL,
+    });
+    let (ops, stop) = (ca_ops.clone(), shutdown.clone());
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(OWN_CERT_RENEW) => {}
             }
-            match issue_own() {
-                Ok(key) => own_cert.replace(key),
+            match ops.issue_own() {
+                Ok(key) => ops.own_cert.replace(key),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot renew the control plane's certificate")
                 }
@@ -304,6 +308,7 @@ pub async fn start(config: ControlConfig) -> Result<Running, StartError> {
         admin_token: admin_token.clone(),
         tokens: tokens.clone(),
         ca: ca.clone(),
+        ca_ops,
     }));
     let stop = shutdown.clone();
     tokio::spawn(async move {

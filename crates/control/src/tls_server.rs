@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -82,11 +81,10 @@ impl AsyncWrite for TlsConn {
 /// made it. Failed handshakes are logged with their reason and dropped.
 pub fn incoming(
     listener: TcpListener,
-    config: Arc<rustls::ServerConfig>,
+    config: crate::rotation::ServerTls,
     stop: CancellationToken,
 ) -> mpsc::Receiver<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = mpsc::channel(256);
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -102,7 +100,8 @@ pub fn incoming(
                 },
             };
             let _ = tcp.set_nodelay(true);
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let current = config.read().unwrap_or_else(|p| p.into_inner()).clone();
+            let (acceptor, tx) = (tokio_rustls::TlsAcceptor::from(current), tx.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(io)) => {

@@ -48,6 +48,10 @@ pub struct ControlClient {
     pub identity_expiry: Gauge,
 }
 
+/// After a trust bundle change, wait this long (plus jitter) before renewing under the new
+/// root, so every peer trusts it first.
+const BUNDLE_GRACE: Duration = Duration::from_secs(3);
+
 /// Renew at this share of a certificate's lifetime.
 const RENEW_AT: f64 = 0.7;
 
@@ -228,6 +232,12 @@ impl ControlClient {
                             *failures = 0;
                             heartbeat = tokio::time::interval(interval);
                         }
+                        if self.identity.take_renewal_request() {
+                            // Every peer gets the new bundle before anyone presents a
+                            // certificate from the new root.
+                            let grace = BUNDLE_GRACE.mul_f64(1.0 + random_below(1000) as f64 / 1000.0);
+                            *renew_at = std::time::Instant::now() + grace;
+                        }
                     }
                     Ok(None) if deregistered => return SessionEnd::Deregistered,
                     Ok(None) => return SessionEnd::Failed("control plane closed the session".into()),
@@ -327,7 +337,13 @@ impl ControlClient {
                 }
                 None
             }
-            pb::control_message::Message::TrustBundle(_) => None,
+            pb::control_message::Message::TrustBundle(b) => {
+                match self.identity.set_bundle(&b.pem) {
+                    Ok(()) => tracing::info!("trust bundle updated (root rotation)"),
+                    Err(e) => tracing::warn!(error = %e, "ignoring malformed trust bundle"),
+                }
+                None
+            }
         }
     }
 }

@@ -43,6 +43,8 @@ pub struct MeshIdentity {
     pub id: SpiffeId,
     tls: RwLock<Option<Arc<TlsState>>>,
     expires_unix: std::sync::atomic::AtomicI64,
+    /// Set when the trust bundle changed: renew under the new root.
+    renewal_requested: std::sync::atomic::AtomicBool,
 }
 
 impl MeshIdentity {
@@ -51,7 +53,38 @@ impl MeshIdentity {
             id,
             tls: RwLock::new(None),
             expires_unix: std::sync::atomic::AtomicI64::new(0),
+            renewal_requested: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Trusts a new bundle (a root rotation) with the current certificate, and asks for a
+    /// renewal under the new root.
+    pub fn set_bundle(&self, bundle_pem: &str) -> Result<(), TlsError> {
+        let mut slot = self.tls.write().unwrap_or_else(|p| p.into_inner());
+        let Some(state) = slot.as_ref() else {
+            return Ok(());
+        };
+        if state.bundle_pem == bundle_pem {
+            return Ok(());
+        }
+        let roots = tls::root_store(bundle_pem.as_bytes())?;
+        let server = tls::server_config(roots.clone(), state.cert.clone(), ClientAuth::Required)?;
+        *slot = Some(Arc::new(TlsState {
+            roots,
+            bundle_pem: bundle_pem.to_owned(),
+            cert: state.cert.clone(),
+            server,
+            clients: Mutex::default(),
+        }));
+        self.renewal_requested
+            .store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether a renewal was asked for since the last call.
+    pub fn take_renewal_request(&self) -> bool {
+        self.renewal_requested
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
     }
 
     pub fn tls(&self) -> Option<Arc<TlsState>> {
