@@ -18,5 +18,5 @@ mkdir -p bench/results
 {
   echo "Run: $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs))"
   echo
-  timeout 600 ./target/release/trellis-bench-push --control "$grpc" --http "$http" --pid "$cp" ${BENCH_PUSH_ARGS:-}
+  timeout 600 ./target/release/trellis-bench-push --control "$grpc" --http "$http" --data-dir "$work/data" --pid "$cp" ${BENCH_PUSH_ARGS:-}
 } | tee bench/results/push-latest.md

@@ -22,6 +22,8 @@ use trellis_api::pb;
 struct Args {
     control: String,
     http: String,
+    /// The control plane's data dir: admin token and trust bundle.
+    data_dir: std::path::PathBuf,
     pid: u32,
     instances: usize,
     services: usize,
@@ -33,6 +35,7 @@ fn parse_args() -> Result<Args, String> {
     let mut a = Args {
         control: String::new(),
         http: String::new(),
+        data_dir: Default::default(),
         pid: 0,
         instances: 10_000,
         services: 1_000,
@@ -49,6 +52,7 @@ fn parse_args() -> Result<Args, String> {
         match flag.as_str() {
             "--control" => a.control = v,
             "--http" => a.http = v,
+            "--data-dir" => a.data_dir = v.into(),
             "--pid" => a.pid = v.parse().map_err(|_| "bad --pid".to_string())?,
             "--instances" => a.instances = num(&v)?,
             "--services" => a.services = num(&v)?,
@@ -57,9 +61,10 @@ fn parse_args() -> Result<Args, String> {
             other => return Err(format!("unknown flag {other}")),
         }
     }
-    if a.control.is_empty() || a.http.is_empty() {
+    if a.control.is_empty() || a.http.is_empty() || a.data_dir.as_os_str().is_empty() {
         return Err(
-            "usage: trellis-bench-push --control GRPC_ADDR --http HTTP_ADDR --pid PID".into(),
+            "usage: trellis-bench-push --control GRPC_ADDR --http HTTP_ADDR --data-dir DIR --pid PID"
+                .into(),
         );
     }
     Ok(a)
@@ -101,14 +106,14 @@ fn percentiles(mut v: Vec<Duration>) -> String {
     )
 }
 
-async fn apply(http: &str, yaml: String) -> Result<(), String> {
+async fn post(http: &str, admin: &str, path: &str, body: String) -> Result<String, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(http)
         .await
         .map_err(|e| e.to_string())?;
     let req = format!(
-        "POST /api/v1/apply HTTP/1.1\r\nHost: c\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{yaml}",
-        yaml.len()
+        "POST {path} HTTP/1.1\r\nHost: c\r\nAuthorization: Bearer {admin}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     );
     s.write_all(req.as_bytes())
         .await
@@ -118,10 +123,69 @@ async fn apply(http: &str, yaml: String) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     if out.starts_with("HTTP/1.1 200") {
-        Ok(())
+        Ok(out)
     } else {
         Err(out)
     }
+}
+
+async fn apply(http: &str, admin: &str, yaml: String) -> Result<(), String> {
+    post(http, admin, "/api/v1/apply", yaml).await.map(|_| ())
+}
+
+/// A TLS channel to the control plane holding a certificate for `service` (join token, CSR,
+/// Certify), as the proxies of that service would.
+async fn channel_as(
+    args: &Args,
+    admin: &str,
+    service: &str,
+) -> Result<tonic::transport::Channel, String> {
+    let bundle = std::fs::read(args.data_dir.join("ca/bundle.pem")).map_err(|e| e.to_string())?;
+    let roots = trellis_api::tls::root_store(&bundle).map_err(|e| e.to_string())?;
+    let cp_id = trellis_core::identity::SpiffeId::control_plane("trellis.local");
+    let answer = post(
+        &args.http,
+        admin,
+        "/api/v1/tokens",
+        format!("{{\"service\":\"{service}\"}}"),
+    )
+    .await?;
+    let token = answer
+        .split("\"token\":\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .ok_or("no token in answer")?
+        .to_owned();
+    let id = trellis_core::identity::SpiffeId::new(
+        "trellis.local",
+        trellis_core::Namespace::default(),
+        trellis_core::ServiceName::new(service).map_err(|e| e.to_string())?,
+    );
+    let (key, csr) = trellis_proxy::identity::new_key_and_csr(&id).map_err(|e| e.to_string())?;
+    let anon = trellis_api::tls::client_config(roots.clone(), cp_id.clone(), None)
+        .map_err(|e| e.to_string())?;
+    let ch = trellis_api::tls::grpc_channel(&args.control, anon, Duration::from_secs(10))
+        .await
+        .map_err(|e| e.to_string())?;
+    let cert = pb::proxy_control_client::ProxyControlClient::new(ch)
+        .certify(pb::CertifyRequest {
+            csr_pem: csr,
+            token,
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner();
+    let key = trellis_api::tls::certified_key(cert.cert_chain_pem.as_bytes(), key.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let config = trellis_api::tls::client_config(
+        roots,
+        cp_id,
+        Some(trellis_api::tls::CertResolver::new(key)),
+    )
+    .map_err(|e| e.to_string())?;
+    trellis_api::tls::grpc_channel(&args.control, config, Duration::from_secs(10))
+        .await
+        .map_err(|e| e.to_string())
 }
 
 #[tokio::main]
@@ -129,20 +193,16 @@ async fn main() -> Result<(), String> {
     let args = parse_args()?;
     let replicas = (args.instances / args.services).max(1);
     let rss_before = rss_mb(args.pid);
-    // Sessions share a few hundred HTTP/2 connections, as many proxies would share none; the
-    // control plane's work per session is the same.
-    let channels: Vec<tonic::transport::Channel> = {
-        let mut v = Vec::new();
-        for _ in 0..(args.instances / 20).max(1) {
-            let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", args.control))
-                .map_err(|e| e.to_string())?
-                .connect()
-                .await
-                .map_err(|e| format!("connect: {e}"))?;
-            v.push(ch);
-        }
-        v
-    };
+    // One mTLS connection per service, holding that service's certificate; the sessions of
+    // its instances share it (the control plane's work per session is the same).
+    let admin = std::fs::read_to_string(args.data_dir.join("admin-token"))
+        .map_err(|e| format!("admin token: {e}"))?
+        .trim()
+        .to_owned();
+    let mut channels: Vec<tonic::transport::Channel> = Vec::new();
+    for svc in 0..args.services {
+        channels.push(channel_as(&args, &admin, &format!("svc-{svc}")).await?);
+    }
     let seen: Seen = Arc::default();
     let updates = Arc::new(AtomicU64::new(0));
     // Sessions whose stream failed (they stop receiving; reported, and a failure of the run).
@@ -179,7 +239,7 @@ async fn main() -> Result<(), String> {
             })),
         });
         let mut client =
-            pb::proxy_control_client::ProxyControlClient::new(channels[i % channels.len()].clone());
+            pb::proxy_control_client::ProxyControlClient::new(channels[i % args.services].clone());
         let mut inbound = client
             .session(ReceiverStream::new(rx))
             .await
@@ -222,7 +282,9 @@ async fn main() -> Result<(), String> {
                 tokio::time::sleep(Duration::from_secs(3)).await;
                 let Some(tx) = beat.upgrade() else { break };
                 let hb = pb::ProxyMessage {
-                    message: Some(pb::proxy_message::Message::Heartbeat(pb::Heartbeat {})),
+                    message: Some(pb::proxy_message::Message::Heartbeat(
+                        pb::Heartbeat::default(),
+                    )),
                 };
                 if tx.send(hb).await.is_err() {
                     break;
@@ -269,7 +331,7 @@ async fn main() -> Result<(), String> {
             "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {marker}}}\nspec:\n  parentRefs: [{{name: {target}}}]\n  rules:\n    - matches: [{{path: {{value: /{marker}}}}}]\n      backendRefs: [{{name: {target}}}]\n"
         );
         let t0 = Instant::now();
-        apply(&args.http, yaml).await?;
+        apply(&args.http, &admin, yaml).await?;
         if let Some(d) = wait_for(&seen, &format!("route {marker}"), expect, t0).await {
             route_latency.push(d);
         }

@@ -328,3 +328,31 @@ pub fn handshake_hint(class: &str) -> &'static str {
         _ => "",
     }
 }
+
+/// A gRPC channel to `addr` over TLS with `config` (TLS is done here, so the URI scheme is
+/// `http://` on purpose; tonic's own TLS cannot take a custom verifier or a certificate that
+/// changes).
+pub async fn grpc_channel(
+    addr: &str,
+    config: Arc<rustls::ClientConfig>,
+    connect_timeout: std::time::Duration,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(connect_timeout)
+        .http2_keep_alive_interval(std::time::Duration::from_secs(5))
+        .keep_alive_timeout(std::time::Duration::from_secs(5));
+    let connector = tower::service_fn(move |uri: tonic::transport::Uri| {
+        let config = config.clone();
+        async move {
+            let host = uri.host().unwrap_or("127.0.0.1").to_owned();
+            let port = uri.port_u16().unwrap_or(7440);
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            let _ = tcp.set_nodelay(true);
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(server_name(), tcp)
+                .await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    endpoint.connect_with_connector(connector).await
+}

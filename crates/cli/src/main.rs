@@ -55,6 +55,9 @@ enum Command {
     /// Join tokens: what a proxy presents (`--token-file`) to get its service's identity.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Checks the mesh's trust: CA and bundle expiry, rotation, each connected proxy's
+    /// certificate, clock skew. Exit 1 if any check fails.
+    Check,
     /// The mesh CA: root rotation and status.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -217,6 +220,7 @@ fn main() -> ExitCode {
         } => rt.block_on(resources::delete(&api(), kind, name, namespace)),
         Command::Token(cmd) => rt.block_on(resources::token(&api(), cmd)),
         Command::Ca(cmd) => rt.block_on(resources::ca(&api(), cmd)),
+        Command::Check => rt.block_on(resources::check(&api())),
     };
     match result {
         Ok(code) => code,

@@ -391,6 +391,33 @@ pub(crate) async fn token(
     Ok(ExitCode::SUCCESS)
 }
 
+pub(crate) async fn check(api: &ApiClient) -> Result<ExitCode, ClientError> {
+    let (status, body) = api.call(Method::GET, "/api/v1/check", None).await?;
+    if status != 200 {
+        print_errors(&body);
+        return Ok(ExitCode::from(1));
+    }
+    let mut all_ok = true;
+    for c in body["checks"].as_array().into_iter().flatten() {
+        let ok = c["ok"].as_bool().unwrap_or(false);
+        all_ok &= ok;
+        println!(
+            "{} {:<20} {}",
+            if ok { "ok  " } else { "FAIL" },
+            c["name"].as_str().unwrap_or("?"),
+            c["detail"].as_str().unwrap_or("")
+        );
+        if let Some(hint) = c["hint"].as_str() {
+            println!("     hint: {hint}");
+        }
+    }
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
 pub(crate) async fn ca(api: &ApiClient, cmd: &crate::CaCommand) -> Result<ExitCode, ClientError> {
     let (status, body) = match cmd {
         crate::CaCommand::Rotate { finish } => {

@@ -40,7 +40,9 @@ fn register(service: &str, id: &str) -> pb::ProxyMessage {
 
 fn heartbeat() -> pb::ProxyMessage {
     pb::ProxyMessage {
-        message: Some(pb::proxy_message::Message::Heartbeat(pb::Heartbeat {})),
+        message: Some(pb::proxy_message::Message::Heartbeat(
+            pb::Heartbeat::default(),
+        )),
     }
 }
 
@@ -93,19 +95,7 @@ async fn channel_with(
         cert,
     )
     .unwrap();
-    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
-        let config = config.clone();
-        async move {
-            let tcp = tokio::net::TcpStream::connect(grpc).await?;
-            let tls = tokio_rustls::TlsConnector::from(config)
-                .connect(trellis_api::tls::server_name(), tcp)
-                .await?;
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
-        }
-    });
-    tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
-        .unwrap()
-        .connect_with_connector(connector)
+    trellis_api::tls::grpc_channel(&grpc.to_string(), config, Duration::from_secs(5))
         .await
         .unwrap()
 }

@@ -672,6 +672,12 @@ async fn root_rotation_under_load_fails_no_request() {
     )
     .await;
 
+    let (_, mid) =
+        trellis_test_support::mesh::http_call(cp.http, "GET", "/api/v1/check", "", None).await;
+    assert!(
+        mid.contains("\"name\":\"root-rotation\",\"ok\":false"),
+        "a half-done rotation fails the check: {mid}"
+    );
     let (s, body) = trellis_test_support::mesh::http_call(
         cp.http,
         "POST",
@@ -718,6 +724,34 @@ async fn root_rotation_under_load_fails_no_request() {
         failed.len()
     );
     assert!(ok > 500, "steady traffic ({ok})");
+    // `trellis check` (the real CLI) sees a finished rotation and current proxy certificates.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(["check", "--control-http", &format!("http://{}", cp.http)])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for name in [
+        "trust-bundle",
+        "root-rotation",
+        "intermediate-ca",
+        "proxy-certificates",
+        "clock-skew",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("ok") && l.contains(name)),
+            "{name}: {text}"
+        );
+    }
+    assert!(
+        !text.contains(" 0 connected proxies"),
+        "proxies report their certificates: {text}"
+    );
     assert!(
         failed.is_empty(),
         "failed: {:?}",

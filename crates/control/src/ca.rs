@@ -304,6 +304,10 @@ impl Ca {
         self.signing().bundle_pem.clone()
     }
 
+    pub fn intermediate_pem(&self) -> String {
+        self.signing().intermediate_pem.clone()
+    }
+
     pub fn workload_ttl(&self) -> Duration {
         self.workload_ttl
     }

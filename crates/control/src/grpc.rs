@@ -279,8 +279,8 @@ impl pb::proxy_control_server::ProxyControl for ControlService {
                     }
                 };
                 let result = match msg.message {
-                    Some(pb::proxy_message::Message::Heartbeat(_)) => hub
-                        .heartbeat(id)
+                    Some(pb::proxy_message::Message::Heartbeat(h)) => hub
+                        .heartbeat(id, Some((h.cert_expires_unix, h.sent_unix_ms)))
                         .map_err(|e| Status::internal(e.to_string())),
                     Some(pb::proxy_message::Message::Watch(w)) => match service_name(&w.service) {
                         Ok(s) => hub

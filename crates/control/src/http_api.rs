@@ -50,6 +50,7 @@ pub fn router(state: Shared) -> Router {
         .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/api/v1/ca/bundle", get(trust_bundle))
         .route("/api/v1/ca/rotation", get(rotation_status).post(rotate))
+        .route("/api/v1/check", get(check))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_admin,
@@ -163,6 +164,11 @@ async fn revoke_token(State(st): State<Shared>, Path(id): Path<String>) -> Respo
         Ok(false) => error(StatusCode::NOT_FOUND, format!("no join token {id}")),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+async fn check(State(st): State<Shared>) -> Response {
+    let checks = crate::check::run(&st.ca, &st.hub.proxy_reports());
+    axum::Json(json!({ "checks": checks, "proxies": st.hub.proxy_reports() })).into_response()
 }
 
 async fn rotation_status(State(st): State<Shared>) -> Response {

@@ -67,6 +67,20 @@ struct Session {
     /// The service this session's proxy serves, and the inbound view it was last sent.
     own: Option<(Namespace, ServiceName)>,
     inbound_sent: Option<InboundView>,
+    /// From the last heartbeat: certificate expiry (Unix s) and the proxy's clock minus ours
+    /// (ms; includes half a network trip, negligible next to the skews that matter).
+    report: Option<(i64, i64)>,
+}
+
+/// One connected proxy's certificate and clock, as it last reported them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyReport {
+    pub service: String,
+    pub namespace: String,
+    pub instances: Vec<String>,
+    pub cert_expires_unix: i64,
+    pub clock_skew_ms: i64,
 }
 
 #[derive(Default)]
@@ -132,6 +146,7 @@ impl Hub {
                 last_seen: Instant::now(),
                 own: None,
                 inbound_sent: None,
+                report: None,
             },
         );
         self.metrics.proxies_connected.set(st.sessions.len() as i64);
@@ -220,14 +235,47 @@ impl Hub {
         self.metrics.proxies_connected.set(st.sessions.len() as i64);
     }
 
-    pub fn heartbeat(&self, session: SessionId) -> Result<(), HubError> {
+    /// `report`: the proxy's certificate expiry and its clock at sending (see [`ProxyReport`]).
+    pub fn heartbeat(
+        &self,
+        session: SessionId,
+        report: Option<(i64, i64)>,
+    ) -> Result<(), HubError> {
         let mut st = self.lock();
         let s = st
             .sessions
             .get_mut(&session)
             .ok_or(HubError::UnknownSession)?;
         s.last_seen = Instant::now();
+        if let Some((cert_expires_unix, sent_unix_ms)) = report {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            s.report = Some((cert_expires_unix, sent_unix_ms.saturating_sub(now_ms)));
+        }
         Ok(())
+    }
+
+    /// What connected proxies last reported, for `trellis check`.
+    pub fn proxy_reports(&self) -> Vec<ProxyReport> {
+        let st = self.lock();
+        let mut out: Vec<ProxyReport> = st
+            .sessions
+            .values()
+            .filter_map(|s| {
+                let (namespace, service) = s.own.clone()?;
+                let (cert_expires_unix, clock_skew_ms) = s.report?;
+                Some(ProxyReport {
+                    service: service.as_str().to_owned(),
+                    namespace: namespace.as_str().to_owned(),
+                    instances: s.instances.iter().map(|(_, id)| id.clone()).collect(),
+                    cert_expires_unix,
+                    clock_skew_ms,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.service, &a.instances).cmp(&(&b.service, &b.instances)));
+        out
     }
 
     /// Starts watching `service`: the session gets a full snapshot now and diffs after.

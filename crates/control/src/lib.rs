@@ -5,6 +5,7 @@
 //! control` command and the in-process tests use it alike.
 
 pub mod ca;
+pub mod check;
 pub mod grpc;
 pub mod http_api;
 pub mod hub;

@@ -87,26 +87,7 @@ impl ControlClient {
             None => trellis_api::tls::client_config(self.bootstrap_roots.clone(), expected, None),
         }
         .map_err(|e| e.to_string())?;
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| format!("bad address {addr:?}: {e}"))?
-            .connect_timeout(Duration::from_secs(2))
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5));
-        let connector = tower::service_fn(move |uri: tonic::transport::Uri| {
-            let config = config.clone();
-            async move {
-                let host = uri.host().unwrap_or("127.0.0.1").to_owned();
-                let port = uri.port_u16().unwrap_or(7440);
-                let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
-                let _ = tcp.set_nodelay(true);
-                let tls = tokio_rustls::TlsConnector::from(config)
-                    .connect(trellis_api::tls::server_name(), tcp)
-                    .await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
-            }
-        });
-        endpoint
-            .connect_with_connector(connector)
+        trellis_api::tls::grpc_channel(addr, config, Duration::from_secs(2))
             .await
             .map_err(|e| {
                 use std::error::Error;
@@ -245,7 +226,13 @@ impl ControlClient {
                     Err(status) => return SessionEnd::Failed(status.to_string()),
                 },
                 _ = heartbeat.tick() => {
-                    let _ = tx.try_send(send(pb::proxy_message::Message::Heartbeat(pb::Heartbeat {})));
+                    let sent_unix_ms = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as i64);
+                    let _ = tx.try_send(send(pb::proxy_message::Message::Heartbeat(pb::Heartbeat {
+                        cert_expires_unix: self.identity.expires_unix(),
+                        sent_unix_ms,
+                    })));
                 }
                 Some(req) = self.watch_requests.recv() => {
                     let m = match req {
