@@ -290,7 +290,7 @@ def cg_total(path):
 # --------------------------------------------------------------------------
 
 TARGET_ORDER = ["direct", "haproxy-1", "envoy-1", "trellis-1", "nginx-1",
-                "haproxy-2", "envoy-2", "trellis-2"]
+                "haproxy-2", "envoy-2", "trellis-2", "trellis-mtls-2"]
 LABELS = {
     "direct": ("direct (backend)", 0),
     "haproxy-1": ("HAProxy", 1),
@@ -300,6 +300,7 @@ LABELS = {
     "haproxy-2": ("HAProxy", 2),
     "envoy-2": ("Envoy", 2),
     "trellis-2": ("trellis", 2),
+    "trellis-mtls-2": ("trellis mTLS (control plane)", 2),
 }
 
 
@@ -416,6 +417,7 @@ def report(results_dir, out_md):
                              f"{x['non2xx']} non-2xx {x['codes']}, errors {x['error_kinds']}")
 
     notes.extend(read_lines(os.path.join(results_dir, "busy")))
+    notes.extend(read_lines(os.path.join(results_dir, "handshakes")))
 
     lines = []
     lines.append("| " + " | ".join(header) + " |")

@@ -29,7 +29,7 @@ BACKEND_THREADS=${BENCH_BACKEND_THREADS:-1}
 OHA_THREADS=${BENCH_OHA_THREADS:-1}           # oha's tokio worker threads
 WARMUP=${BENCH_WARMUP:-1}                     # seconds of warm-up traffic per visit (0 = none)
 READY_TIMEOUT=${BENCH_READY_TIMEOUT:-30}
-TARGETS=${BENCH_TARGETS:-"direct haproxy-1 envoy-1 trellis-1 haproxy-2 envoy-2 trellis-2"}
+TARGETS=${BENCH_TARGETS:-"direct haproxy-1 envoy-1 trellis-1 haproxy-2 envoy-2 trellis-2 trellis-mtls-2"}
 SKIP_VALGRIND=${BENCH_SKIP_VALGRIND:-0}
 VG_TARGETS=${BENCH_VALGRIND_TARGETS:-"trellis-1 haproxy-1 nginx-1 envoy-1"}
 VG_N1=${BENCH_VALGRIND_N1:-$d_n1}
@@ -177,6 +177,7 @@ VALGRIND=$(command -v valgrind || true)
 
 # ------------------------------------------------------------------ build ----
 TRELLIS=${TRELLIS_PROXY_BIN:-$ROOT/target/release/trellis-proxy}
+TRELLIS_CLI=$ROOT/target/release/trellis
 BACKEND=$ROOT/target/release/trellis-bench-backend
 TRELLIS_BROKEN=""
 # cargo_build ARGS...: run cargo in its own process group (so an interrupt
@@ -197,7 +198,7 @@ cargo_build() {
   return "$rc"
 }
 if [[ $SKIP_BUILD != 1 ]]; then
-  if ! cargo_build --release -p trellis-proxy -p trellis-bench; then
+  if ! cargo_build --release -p trellis-proxy -p trellis-cli -p trellis-bench; then
     log "building trellis-proxy failed (tail of $WORK/build.log below); trying the backend alone"
     tail -n 20 "$WORK/build.log" >&2 || true
     TRELLIS_BROKEN="cargo build --release -p trellis-proxy failed: $(grep -m1 -E '^error' "$WORK/build.log" || echo 'see build log')"
@@ -424,6 +425,41 @@ start_target() {
             || { fail_with_logs "admin /ready on 127.0.0.1:$a not 200 within ${tmo}s: $(tail -n1 "$TDIR/ready.err")"; return 1; }
         done
       fi ;;
+    trellis-mtls-2)
+      # The mesh as deployed: a control plane issues both proxies' certificates; the hop
+      # between the proxies is mTLS 1.3 over one shared HTTP/2 connection.
+      [[ -z $TRELLIS_BROKEN ]] || { FAIL_MSG="$TRELLIS_BROKEN"; return 1; }
+      read -r -a p <<<"$(free_ports 9)"
+      # p0-p3 client (outbound, inbound, admin, upstream), p4-p6 server, p7/p8 control grpc/http
+      start_bg "$TDIR/control.log" "$TRELLIS_CLI" control --grpc "127.0.0.1:${p[7]}" \
+        --http "127.0.0.1:${p[8]}" --data-dir "$TDIR/cp" --log-level warn
+      CONTROL_PID=$LAST_PID
+      wait_http "http://127.0.0.1:${p[8]}/healthz" "$tmo" "$CONTROL_PID" 2>>"$TDIR/ready.err" \
+        || { fail_with_logs "control plane did not start"; return 1; }
+      local admin_token svc
+      admin_token=$(cat "$TDIR/cp/admin-token")
+      for svc in backend client; do
+        curl -sf -H "Authorization: Bearer $admin_token" -d "{\"service\":\"$svc\"}" \
+          "http://127.0.0.1:${p[8]}/api/v1/tokens" \
+          | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])' >"$TDIR/$svc.token" \
+          || { fail_with_logs "cannot create a join token for $svc"; return 1; }
+      done
+      local join=(--control "127.0.0.1:${p[7]}" --trust-bundle "$TDIR/cp/ca/bundle.pem")
+      runp trellis-server "${wrap[@]}" "$TRELLIS" --service backend --app "127.0.0.1:$BACKEND_PORT" \
+        --inbound "127.0.0.1:${p[4]}" --outbound "127.0.0.1:${p[5]}" --admin "127.0.0.1:${p[6]}" \
+        --workers "$th" "${join[@]}" --token-file "$TDIR/backend.token"
+      runp trellis-client "${wrap[@]}" "$TRELLIS" --service client \
+        --outbound "127.0.0.1:${p[0]}" --inbound "127.0.0.1:${p[1]}" --admin "127.0.0.1:${p[2]}" \
+        --upstream "backend=127.0.0.1:${p[3]}" --workers "$th" "${join[@]}" --token-file "$TDIR/client.token"
+      MTLS_CLIENT_ADMIN="127.0.0.1:${p[2]}"
+      TARGET_URL="http://127.0.0.1:${p[3]}/"
+      if ((${#wrap[@]} == 0)); then
+        local a
+        for a in "${p[2]}" "${p[6]}"; do
+          wait_http "http://127.0.0.1:$a/ready" "$tmo" "${TARGET_PIDS[@]}" 2>>"$TDIR/ready.err" \
+            || { fail_with_logs "admin /ready on 127.0.0.1:$a not 200 within ${tmo}s"; return 1; }
+        done
+      fi ;;
     *) FAIL_MSG="unknown target $t"; return 1 ;;
   esac
   # Ready means: a request through the whole chain gets a 200.
@@ -431,9 +467,24 @@ start_target() {
     || { fail_with_logs "no 200 from $TARGET_URL within ${tmo}s: $(tail -n1 "$TDIR/ready.err")"; return 1; }
   return 0
 }
+CONTROL_PID=
+MTLS_CLIENT_ADMIN=
 stop_target() {
   local t=$1
   [[ $t == direct ]] && return 0
+  if [[ $t == trellis-mtls-2 && -n $MTLS_CLIENT_ADMIN ]]; then
+    # Connection reuse: client-side handshakes against requests it proxied in this visit.
+    curl -sf "http://$MTLS_CLIENT_ADMIN/metrics" | python3 -c '
+import re, sys
+text = sys.stdin.read()
+hs = sum(float(v) for v in re.findall(r"trellis_tls_handshakes_total\{direction=\"outbound\",result=\"ok\"\} (\S+)", text))
+reqs = sum(float(v) for v in re.findall(r"trellis_http_requests_total\{direction=\"outbound\"[^}]*\} (\S+)", text))
+if reqs:
+    print(f"trellis mTLS 2-hop visit: {hs:.0f} outbound handshakes for {reqs:.0f} requests = {1000 * hs / reqs:.4f} per 1,000 (connection reuse {100 * (1 - hs / reqs):.3f}%)")
+' >>"$REC/handshakes" || true
+    MTLS_CLIENT_ADMIN=
+  fi
+  if [[ -n $CONTROL_PID ]]; then stop_pids "$CONTROL_PID"; CONTROL_PID=; fi
   ((${#TARGET_PIDS[@]})) && stop_pids "${TARGET_PIDS[@]}"
   TARGET_PIDS=()
 }

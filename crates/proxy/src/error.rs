@@ -154,6 +154,12 @@ mod tests {
 
     #[test]
     fn grpc_codes() {
+        let denied = ProxyError::Denied {
+            detail: "denied policy=default/no-admin".into(),
+        };
+        assert_eq!(denied.grpc_status(), 7, "PERMISSION_DENIED");
+        assert_eq!(denied.status().as_u16(), 403);
+        assert_eq!(denied.header_value(), "denied policy=default/no-admin");
         assert_eq!(
             ProxyError::Timeout(std::time::Duration::ZERO).grpc_status(),
             4
