@@ -283,6 +283,19 @@ async fn mtls_identity_and_policy_between_real_proxies() {
     ] {
         assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
     }
+    // Golden metrics say which calls were mTLS and who made them.
+    let inbound = |src: &str, tls: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("trellis_http_requests_total{direction=\"inbound\"")
+                && l.contains(&format!("src=\"{src}\""))
+                && l.contains(&format!("tls=\"{tls}\""))
+        })
+    };
+    assert!(inbound("web", "true"), "mTLS calls from web:\n{metrics}");
+    assert!(
+        inbound("unknown", "false"),
+        "the plaintext call in permissive mode:\n{metrics}"
+    );
 }
 
 /// Certificates of one minute, renewed at ~70% of their lifetime, under steady traffic for

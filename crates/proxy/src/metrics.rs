@@ -28,6 +28,8 @@ pub struct HttpLabels {
     pub route: Label,
     pub code: u16,
     pub classification: &'static str,
+    /// `true` or `false`: whether the hop was mTLS (see `RequestMeta::tls`).
+    pub tls: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -37,6 +39,7 @@ pub struct HttpLatencyLabels {
     pub dst: Label,
     pub route: Label,
     pub classification: &'static str,
+    pub tls: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

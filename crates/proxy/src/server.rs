@@ -393,6 +393,10 @@ async fn prepare(
         src,
         dst,
         route: route.unwrap_or_else(|| ctx.default_route.clone()),
+        tls: match kind {
+            ListenerKind::Inbound => peer.0.is_some(),
+            _ => ctx.identity.is_some(),
+        },
     });
     req
 }

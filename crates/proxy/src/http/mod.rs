@@ -43,4 +43,7 @@ pub struct RequestMeta {
     pub dst: Label,
     /// Route name; `default` until routes exist.
     pub route: Label,
+    /// Inbound: the caller connected over mTLS. Outbound: this proxy has a workload identity
+    /// (calls to meshed endpoints are mTLS). The `tls` metric label.
+    pub tls: bool,
 }

@@ -106,6 +106,7 @@ where
                     dst: meta.dst.clone(),
                     route: meta.route.clone(),
                     classification,
+                    tls: if meta.tls { "true" } else { "false" },
                 })
                 .observe(this.start.elapsed().as_secs_f64());
             this.metrics
@@ -117,6 +118,7 @@ where
                     route: meta.route,
                     code: rsp.status().as_u16(),
                     classification,
+                    tls: if meta.tls { "true" } else { "false" },
                 })
                 .inc();
         }
@@ -149,6 +151,7 @@ mod tests {
             src: "web".into(),
             dst: "payments".into(),
             route: "default".into(),
+            tls: false,
         };
         for path in ["/ok", "/ok", "/fail"] {
             let mut req = http::Request::get(path).body(body::empty()).expect("req");
@@ -162,6 +165,7 @@ mod tests {
             route: "default".into(),
             code,
             classification,
+            tls: "false",
         };
         assert_eq!(
             metrics
