@@ -218,6 +218,20 @@ async fn mtls_identity_and_policy_between_real_proxies() {
         "plaintext must be refused: {raw}"
     );
 
+    // Raw TCP through web's upstream port reaches the app while allowed (it answers the
+    // non-HTTP bytes with a 400): the denial below is the policy, not the path.
+    let mut tcp = tokio::net::TcpStream::connect(up).await.unwrap();
+    tcp.write_all(b"HELLO orders\r\n\r\n").await.unwrap();
+    let mut first = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_exact(&mut first))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        &first, b"HTTP/1.1 400",
+        "the app answered over the TCP stream"
+    );
+    drop(tcp);
     // Policies: DENY by path wins; an ALLOW for someone else leaves web with no matching allow.
     // They apply to the connection web already has open to orders.
     let (s, b) = cp.apply("apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin}\nspec:\n  targetRef: {name: orders}\n  action: DENY\n  rules:\n    - to: [{paths: [\"/admin*\"]}]\n").await;
@@ -240,6 +254,17 @@ async fn mtls_identity_and_policy_between_real_proxies() {
         200,
         "other paths still allowed"
     );
+    // AUDIT: counted and logged as a would-be denial, never blocking.
+    let (s, b) = cp.apply("apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: watch-headers}\nspec:\n  targetRef: {name: orders}\n  action: AUDIT\n  rules:\n    - to: [{paths: [/headers]}]\n").await;
+    assert_eq!(s, 200, "{b}");
+    let admin = orders.bound.admin;
+    eventually("the AUDIT policy records", Duration::from_secs(5), || async move {
+        assert_eq!(get(up, "/headers", "").await.0, 200, "audit never blocks");
+        let (_, m) = trellis_test_support::mesh::http_call(admin, "GET", "/metrics", "", None).await;
+        m.contains("trellis_authz_decisions_total{decision=\"audit\",policy=\"default/watch-headers\"}")
+            .then_some(())
+    })
+    .await;
     let (s, b) = cp.apply("apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: only-batch}\nspec:\n  targetRef: {name: orders}\n  action: ALLOW\n  rules:\n    - from: [{services: [batch]}]\n").await;
     assert_eq!(s, 200, "{b}");
     let denied = eventually(
@@ -254,6 +279,18 @@ async fn mtls_identity_and_policy_between_real_proxies() {
     assert!(
         denied.contains("x-trellis-error: denied no-matching-allow"),
         "{denied}"
+    );
+    // A denied TCP stream: raw bytes through web's upstream port ride a CONNECT stream that
+    // orders refuses; the caller's connection is closed without a byte from the app. (The
+    // DENY of /admin* already matched TCP: HTTP-only conditions do not narrow a DENY.)
+    let mut tcp = tokio::net::TcpStream::connect(up).await.unwrap();
+    tcp.write_all(b"HELLO orders\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "closed: {read:?} {:?}",
+        String::from_utf8_lossy(&buf)
     );
 
     // Permissive mode: plaintext is let in (and, with no identity, fails the ALLOW for batch).
@@ -300,7 +337,8 @@ async fn mtls_identity_and_policy_between_real_proxies() {
 
 /// Certificates of one minute, renewed at ~70% of their lifetime, under steady traffic for
 /// 100 s: no request fails, every proxy renews at least twice, and a proxy that joins late
-/// (new handshakes against renewed certificates) is served too.
+/// (new handshakes against renewed certificates) is served too. For a soak run:
+/// `TRELLIS_SOAK_SECS=600 TRELLIS_SOAK_CERT_TTL_SECS=120`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_lived_certificates_renew_under_load_without_failures() {
     let data = std::env::temp_dir().join(format!("trellis-renewal-{}", std::process::id()));
@@ -310,7 +348,17 @@ async fn short_lived_certificates_renew_under_load_without_failures() {
         "127.0.0.1:0".parse().unwrap(),
         data.clone(),
     );
-    config.workload_cert_ttl = Duration::from_secs(60);
+    let knob = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (soak, ttl) = (
+        knob("TRELLIS_SOAK_SECS", 100),
+        knob("TRELLIS_SOAK_CERT_TTL_SECS", 60),
+    );
+    config.workload_cert_ttl = Duration::from_secs(ttl);
     let running = trellis_control::start(config).await.unwrap();
     let cp = ControlPlane {
         grpc: running.grpc_addr,
@@ -355,7 +403,7 @@ async fn short_lived_certificates_renew_under_load_without_failures() {
 
     let (mut ok, mut failed) = (0u64, Vec::new());
     let start = tokio::time::Instant::now();
-    while start.elapsed() < Duration::from_secs(100) {
+    while start.elapsed() < Duration::from_secs(soak) {
         match get(up, "/", "").await {
             (200, _) => ok += 1,
             (status, body) => failed.push((status, body.lines().next().unwrap_or("").to_owned())),

@@ -41,6 +41,9 @@ pub struct Entry<'a> {
     pub direction: &'static str,
     pub src: String,
     pub src_service: &'a str,
+    /// Inbound over mTLS: the caller's verified SPIFFE ID.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
     pub dst_service: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub method: Option<&'a str>,
@@ -145,6 +148,7 @@ mod tests {
             direction: "outbound",
             src: "127.0.0.1:1".into(),
             src_service: "web",
+            client_id: None,
             dst_service: "payments",
             method: Some("GET"),
             authority: Some("payments"),

@@ -64,6 +64,7 @@ pub async fn splice<A: Io + ?Sized, B: Io + ?Sized>(
         kind: "tcp",
         direction: flow.direction.as_str(),
         src: flow.client.to_string(),
+        client_id: None,
         src_service: &flow.src,
         dst_service: &flow.dst,
         method: None,

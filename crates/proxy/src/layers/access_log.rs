@@ -47,6 +47,7 @@ pub struct AccessLogService<S> {
 
 struct RequestFacts {
     meta: Option<RequestMeta>,
+    client_id: Option<String>,
     method: http::Method,
     authority: Option<String>,
     path: String,
@@ -78,6 +79,10 @@ where
         let bytes_in = Arc::new(AtomicU64::new(0));
         let facts = RequestFacts {
             meta: req.extensions().get::<RequestMeta>().cloned(),
+            client_id: req
+                .extensions()
+                .get::<crate::layers::authz::PeerIdentity>()
+                .and_then(|p| p.0.as_ref().map(ToString::to_string)),
             method: req.method().clone(),
             authority: authority(&req).map(str::to_owned),
             path: req.uri().path().to_owned(),
@@ -156,6 +161,7 @@ fn write_entry(
         direction,
         src,
         src_service,
+        client_id: f.client_id.clone(),
         dst_service,
         method: Some(f.method.as_str()),
         authority: f.authority.as_deref(),
