@@ -85,6 +85,9 @@ pub(crate) enum CaCommand {
     Rotate {
         #[arg(long)]
         finish: bool,
+        /// With --finish: retire the old root even if some proxy has not renewed yet.
+        #[arg(long, requires = "finish")]
+        force: bool,
     },
     /// Shows the rotation phase and how many roots are trusted.
     Status,

@@ -420,8 +420,8 @@ pub(crate) async fn check(api: &ApiClient) -> Result<ExitCode, ClientError> {
 
 pub(crate) async fn ca(api: &ApiClient, cmd: &crate::CaCommand) -> Result<ExitCode, ClientError> {
     let (status, body) = match cmd {
-        crate::CaCommand::Rotate { finish } => {
-            let req = serde_json::json!({ "finish": finish }).to_string();
+        crate::CaCommand::Rotate { finish, force } => {
+            let req = serde_json::json!({ "finish": finish, "force": force }).to_string();
             api.call(Method::POST, "/api/v1/ca/rotation", Some(req))
                 .await?
         }

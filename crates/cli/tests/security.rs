@@ -703,6 +703,20 @@ async fn root_rotation_under_load_fails_no_request() {
     assert!(body.contains("\"roots\":2"), "{body}");
     let new_root = std::fs::read_to_string(data.join("ca/root.pem")).unwrap();
     assert_ne!(old_root, new_root);
+    // Retiring the old root right away would strand proxies that have not renewed yet.
+    let (s, early) = trellis_test_support::mesh::http_call(
+        cp.http,
+        "POST",
+        "/api/v1/ca/rotation",
+        "{\"finish\":true}",
+        Some(&admin),
+    )
+    .await;
+    assert_eq!(s, 409, "{early}");
+    assert!(
+        early.contains("default/orders") && early.contains("default/web"),
+        "{early}"
+    );
     // Every proxy renews under the new root after the bundle grace.
     let (o, w) = (orders.bound.admin, web.bound.admin);
     eventually(
@@ -739,15 +753,28 @@ async fn root_rotation_under_load_fails_no_request() {
         mid.contains("\"name\":\"root-rotation\",\"ok\":false"),
         "a half-done rotation fails the check: {mid}"
     );
-    let (s, body) = trellis_test_support::mesh::http_call(
-        cp.http,
-        "POST",
-        "/api/v1/ca/rotation",
-        "{\"finish\":true}",
-        Some(&admin),
+    // Finishing waits until every connected proxy reports a certificate from the new root
+    // (heartbeats every ~3 s); until then it is refused, naming the proxies.
+    let admin_ref = &admin;
+    let body = eventually(
+        "every proxy reports a new-root certificate",
+        Duration::from_secs(15),
+        || async move {
+            let (s, body) = trellis_test_support::mesh::http_call(
+                cp.http,
+                "POST",
+                "/api/v1/ca/rotation",
+                "{\"finish\":true}",
+                Some(admin_ref),
+            )
+            .await;
+            if s == 409 {
+                assert!(body.contains("old root"), "{body}");
+            }
+            (s == 200).then_some(body)
+        },
     )
     .await;
-    assert_eq!(s, 200, "{body}");
     assert!(body.contains("\"roots\":1"), "{body}");
     let bundle = std::fs::read_to_string(data.join("ca/bundle.pem")).unwrap();
     assert_eq!(

@@ -34,6 +34,10 @@ pub enum CaError {
     Material(String),
     #[error("CSR: {0}")]
     BadCsr(String),
+    #[error(
+        "these proxies still hold certificates from the old root (wait a few seconds for them to renew, or use --force): {0}"
+    )]
+    NotRenewed(String),
     #[error("CSR asks for identity {asked}, but the caller may only have {allowed}")]
     WrongIdentity { asked: String, allowed: String },
 }

@@ -180,6 +180,8 @@ async fn rotation_status(State(st): State<Shared>) -> Response {
 struct RotateRequest {
     #[serde(default)]
     finish: bool,
+    #[serde(default)]
+    force: bool,
 }
 
 /// `{}` starts a root rotation, `{"finish": true}` retires the old root.
@@ -194,7 +196,7 @@ async fn rotate(State(st): State<Shared>, body: Bytes) -> Response {
     };
     let ops = st.ca_ops.clone();
     let outcome = if req.finish {
-        ops.finish()
+        ops.finish(req.force)
     } else {
         ops.start()
     };

@@ -262,6 +262,7 @@ pub async fn start(config: ControlConfig) -> Result<Running, StartError> {
         own_cert,
         own_id,
         own_ttl: OWN_CERT_TTL,
+        rotation_started: std::sync::Mutex::new(None),
     });
     let (ops, stop) = (ca_ops.clone(), shutdown.clone());
     tokio::spawn(async move {

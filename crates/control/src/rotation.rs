@@ -31,6 +31,14 @@ pub struct CaOps {
     pub own_cert: Arc<CertResolver>,
     pub own_id: SpiffeId,
     pub own_ttl: Duration,
+    /// When the current rotation started (Unix s); `None` after a restart mid-rotation.
+    pub rotation_started: std::sync::Mutex<Option<i64>>,
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 impl CaOps {
@@ -54,6 +62,10 @@ impl CaOps {
 
     pub fn start(self: &Arc<Self>) -> Result<RotationStatus, CaError> {
         let status = self.ca.start_rotation()?;
+        *self
+            .rotation_started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(now_unix());
         self.bundle_changed()?;
         let this = self.clone();
         tokio::spawn(async move {
@@ -68,8 +80,32 @@ impl CaOps {
         Ok(status)
     }
 
-    pub fn finish(&self) -> Result<RotationStatus, CaError> {
+    /// Retires the old root. Refused while a connected proxy still reports a certificate
+    /// issued before the rotation started (it would lose mTLS), unless `force`.
+    pub fn finish(&self, force: bool) -> Result<RotationStatus, CaError> {
+        let started = *self
+            .rotation_started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let (Some(started), false) = (started, force) {
+            let ttl = self.ca.workload_ttl().as_secs() as i64;
+            // Leaves are valid from issue - 5 min to issue + ttl: issued = expiry - ttl.
+            let stale: Vec<String> = self
+                .hub
+                .proxy_reports()
+                .into_iter()
+                .filter(|p| p.cert_expires_unix > 0 && p.cert_expires_unix - ttl < started)
+                .map(|p| format!("{}/{} {}", p.namespace, p.service, p.instances.join(",")))
+                .collect();
+            if !stale.is_empty() {
+                return Err(CaError::NotRenewed(stale.join("; ")));
+            }
+        }
         let status = self.ca.finish_rotation()?;
+        *self
+            .rotation_started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
         self.own_cert.replace(self.issue_own()?);
         self.bundle_changed()?;
         Ok(status)
