@@ -378,7 +378,7 @@ pub(crate) async fn token(
                     t["revoked"].to_string(),
                 ]);
             }
-            print!(
+            println!(
                 "{}",
                 table(
                     &["ID", "SERVICE", "NAMESPACE", "EXPIRES", "USES", "REVOKED"],
