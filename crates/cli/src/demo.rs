@@ -222,7 +222,10 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), UpError> {
     });
     println!("Starting the Trellis demo mesh:");
     println!(
-        "  frontend --HTTP--> orders (90% orders-v1 / 10% orders-v2 canary) --gRPC--> inventory x2\n"
+        "  frontend --HTTP--> orders (90% orders-v1 / 10% orders-v2 canary) --gRPC--> inventory x2"
+    );
+    println!(
+        "  every hop between proxies is mTLS, with identities issued by the control plane's CA\n"
     );
     let mut mesh = Mesh::start(&mesh_file, run_dir).await?;
     let _ = crate::client::write_context(
@@ -231,7 +234,7 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), UpError> {
     );
     println!("{}", mesh.table());
     println!(
-        "Try, in another terminal:  trellis get services   |   trellis get routes   |   trellis get audit\n"
+        "Try, in another terminal:  trellis get services   |   trellis get routes   |   trellis get audit   |   trellis check\n"
     );
 
     // The load generator calls the frontend from inside the mesh, through a frontend proxy's
