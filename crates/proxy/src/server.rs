@@ -499,7 +499,8 @@ async fn forward_tcp(
             };
             dest.known(DISCOVERY_TIMEOUT).await;
             let upstream = match dest.pick() {
-                Ok(ep) => {
+                // Per connection: the choice counts as in flight while the connection opens.
+                Ok((ep, _in_flight)) => {
                     open_tcp(
                         &ctx.clients,
                         &ep,

@@ -139,6 +139,11 @@ impl<T> tonic::codegen::tokio_stream::Stream for ReceiverStream<T> {
 
 /// Starts an app named `name` (HTTP/1.1 and h2c on one port).
 pub async fn spawn(name: &str) -> HttpServer {
+    spawn_with_delay(name, Duration::ZERO).await
+}
+
+/// Like [`spawn`], but every response waits `delay` first (a slow instance).
+pub async fn spawn_with_delay(name: &str, delay: Duration) -> HttpServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
@@ -157,7 +162,12 @@ pub async fn spawn(name: &str) -> HttpServer {
                 let svc = hyper::service::service_fn(move |req| {
                     counter.fetch_add(1, Ordering::SeqCst);
                     let name = name.clone();
-                    async move { Ok::<_, Infallible>(handle(name, req).await) }
+                    async move {
+                        if !delay.is_zero() {
+                            tokio::time::sleep(delay).await;
+                        }
+                        Ok::<_, Infallible>(handle(name, req).await)
+                    }
                 });
                 let builder = auto::Builder::new(TokioExecutor::new());
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);

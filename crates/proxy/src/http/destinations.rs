@@ -8,7 +8,7 @@
 //! what the app calls, not the size of the mesh.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,7 @@ use trellis_core::resources::AppProtocol;
 use trellis_core::{Destination, Endpoint, Namespace, ProtocolHint, ServiceName};
 
 use crate::error::ProxyError;
+use crate::http::balance::{self, EndpointLoad, InFlight};
 use crate::metrics::Label;
 
 /// Most destinations one proxy tracks (a bound against an app calling random host names).
@@ -34,6 +35,8 @@ pub struct Snapshot {
     /// Default request timeout (static config); routes may set their own.
     pub timeout: Option<Duration>,
     pub endpoints: Arc<[Endpoint]>,
+    /// Load of each endpoint, index-aligned with `endpoints` (kept across updates by address).
+    pub loads: Arc<[Arc<EndpointLoad>]>,
     pub routes: RouteTable,
     /// Metric labels of `routes.rules`, index-aligned (built once per update, not per request).
     pub route_labels: Vec<Label>,
@@ -48,7 +51,6 @@ pub struct DestinationState {
     pub label: Label,
     snapshot: RwLock<Arc<Snapshot>>,
     updates: watch::Sender<u64>,
-    next: AtomicUsize,
     /// Seconds since proxy start when last used.
     last_used: AtomicU64,
 }
@@ -60,7 +62,6 @@ impl DestinationState {
             name,
             snapshot: RwLock::new(Arc::new(snapshot)),
             updates: watch::Sender::new(0),
-            next: AtomicUsize::new(0),
             last_used: AtomicU64::new(0),
         }
     }
@@ -74,6 +75,7 @@ impl DestinationState {
                 exists: true,
                 protocol: config.protocol,
                 timeout: config.timeout,
+                loads: config.endpoints.iter().map(|_| Arc::default()).collect(),
                 endpoints: config.endpoints.into(),
                 ..Snapshot::default()
             },
@@ -113,18 +115,20 @@ impl DestinationState {
         self.snapshot()
     }
 
-    /// Round-robin over the current endpoints (latency-aware balancing comes with the
-    /// reliability work).
-    pub fn pick(&self) -> Result<Endpoint, ProxyError> {
+    /// An endpoint by power of two choices over peak-EWMA latency ([`balance`]), counted in
+    /// flight until the returned guard drops.
+    pub fn pick(&self) -> Result<(Endpoint, InFlight), ProxyError> {
         let snap = self.snapshot();
-        let n = snap.endpoints.len();
-        if n == 0 {
+        let (Some(_), true) = (
+            snap.endpoints.first(),
+            snap.loads.len() == snap.endpoints.len(),
+        ) else {
             return Err(ProxyError::NoEndpoints {
                 service: self.name.to_string(),
             });
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        Ok(snap.endpoints[i].clone())
+        };
+        let i = balance::choose(&snap.loads);
+        Ok((snap.endpoints[i].clone(), snap.loads[i].start()))
     }
 
     /// Applies an update from the control plane.
@@ -147,6 +151,21 @@ impl DestinationState {
                 address: e.address,
                 meshed: true,
                 namespace: Some(e.namespace.clone()),
+            })
+            .collect();
+        // Endpoints that stay keep what was learned about them.
+        let known: HashMap<std::net::SocketAddr, &Arc<EndpointLoad>> = old
+            .endpoints
+            .iter()
+            .zip(old.loads.iter())
+            .map(|(e, l)| (e.address, l))
+            .collect();
+        let loads = endpoints
+            .iter()
+            .map(|e| {
+                known
+                    .get(&e.address)
+                    .map_or_else(Arc::default, |l| Arc::clone(l))
             })
             .collect();
         let routes = match delta.routes {
@@ -172,6 +191,7 @@ impl DestinationState {
             },
             timeout: old.timeout,
             endpoints,
+            loads,
             routes,
             instances,
         });
@@ -481,14 +501,15 @@ mod tests {
     }
 
     #[test]
-    fn round_robins_and_reports_empty() {
+    fn spreads_in_flight_requests_and_reports_empty() {
         let d = dests(None);
         let Target::Known(p) = d.resolve(Some("payments")) else {
             panic!("known")
         };
-        let a = p.pick().expect("ep").address;
-        let b = p.pick().expect("ep").address;
-        assert_ne!(a, b);
+        // While the first request is in flight, its endpoint costs more: the next goes elsewhere.
+        let (a, _first) = p.pick().expect("ep");
+        let (b, _second) = p.pick().expect("ep");
+        assert_ne!(a.address, b.address);
         let Target::Known(e) = d.resolve(Some("empty")) else {
             panic!("known")
         };

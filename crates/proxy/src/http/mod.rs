@@ -1,6 +1,7 @@
 //! The HTTP data path: per-direction stacks, the upstream clients and the header rules that
 //! carry HTTP/1 across the mesh's HTTP/2 transport.
 
+pub mod balance;
 pub mod client;
 pub mod destinations;
 pub mod headers;

@@ -81,7 +81,7 @@ impl Forward {
                 authority: backend.name.to_string(),
             });
         }
-        let endpoint = backend.pick()?;
+        let (endpoint, in_flight) = backend.pick()?;
         let meta = req.extensions().get::<RequestMeta>().cloned();
 
         if req.method() == Method::CONNECT {
@@ -130,6 +130,8 @@ impl Forward {
             headers::strip_hop_by_hop(req.headers_mut());
             self.clients.send_http1(endpoint.address, req).await?
         };
+        // Response headers: a latency observation for the balancer.
+        in_flight.complete();
         headers::strip_hop_by_hop(rsp.headers_mut());
         Ok(rsp.map(body::boxed))
     }
