@@ -278,7 +278,8 @@ async fn serve_mtls(
     };
     count_handshake(&ctx, "ok");
     let (_, conn) = stream.get_ref();
-    let peer = trellis_api::tls::peer_identity(conn.peer_certificates()).map(Arc::new);
+    let peer = trellis_api::tls::peer_identity(conn.peer_certificates())
+        .map(|id| Arc::new(crate::layers::authz::Peer::new(id)));
     let protocol = if conn.alpn_protocol() == Some(trellis_api::tls::ALPN_H2) {
         Protocol::Http2
     } else {
@@ -347,10 +348,10 @@ async fn prepare(
     let (src, dst) = match kind {
         ListenerKind::Inbound => {
             req.extensions_mut().insert(peer.clone());
-            let src = peer.0.as_ref().map_or_else(
-                || Label::from(UNKNOWN),
-                |id| Label::from(id.service.as_str()),
-            );
+            let src = peer
+                .0
+                .as_ref()
+                .map_or_else(|| Label::from(UNKNOWN), |p| p.service.clone());
             (src, ctx.service.clone())
         }
         ListenerKind::Outbound | ListenerKind::Upstream(_) => {

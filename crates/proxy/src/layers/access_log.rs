@@ -82,7 +82,7 @@ where
             client_id: req
                 .extensions()
                 .get::<crate::layers::authz::PeerIdentity>()
-                .and_then(|p| p.0.as_ref().map(ToString::to_string)),
+                .and_then(|p| p.0.as_ref().map(|p| p.id.to_string())),
             method: req.method().clone(),
             authority: authority(&req).map(str::to_owned),
             path: req.uri().path().to_owned(),

@@ -24,7 +24,27 @@ use crate::metrics::{AuthzLabels, Label, Metrics};
 
 /// Extension: the caller's identity from the mTLS handshake (`None`: plaintext).
 #[derive(Debug, Clone, Default)]
-pub struct PeerIdentity(pub Option<Arc<SpiffeId>>);
+pub struct PeerIdentity(pub Option<Arc<Peer>>);
+
+/// A verified caller, with what every request from it needs computed once per connection.
+#[derive(Debug)]
+pub struct Peer {
+    pub id: SpiffeId,
+    /// The `x-trellis-client-id` value.
+    pub header: Option<HeaderValue>,
+    /// The `src` metric label.
+    pub service: Label,
+}
+
+impl Peer {
+    pub fn new(id: SpiffeId) -> Self {
+        Self {
+            header: HeaderValue::from_str(&id.to_string()).ok(),
+            service: Label::from(id.service.as_str()),
+            id,
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct AuthorizeLayer {
@@ -105,7 +125,7 @@ where
             &policy.policies,
             policy.default_policy,
             &AuthzRequest {
-                caller: peer.as_deref(),
+                caller: peer.as_deref().map(|p| &p.id),
                 method: (!tunnel).then(|| req.method().as_str()),
                 path: (!tunnel).then(|| req.uri().path()),
                 port: self.layer.app_port,
@@ -124,11 +144,11 @@ where
         };
         for audited in &decision.audited {
             count("audit", audited);
-            tracing::info!(caller = ?peer.as_deref().map(ToString::to_string), method = %req.method(), path = req.uri().path(), policy = %audited, "audit: this request would be denied");
+            tracing::info!(caller = ?peer.as_deref().map(|p| p.id.to_string()), method = %req.method(), path = req.uri().path(), policy = %audited, "audit: this request would be denied");
         }
         if !decision.allowed() {
             count("deny", &decision.reason);
-            tracing::info!(caller = ?peer.as_deref().map(ToString::to_string), method = %req.method(), path = req.uri().path(), policy = %decision.reason, "denied by authorization policy");
+            tracing::info!(caller = ?peer.as_deref().map(|p| p.id.to_string()), method = %req.method(), path = req.uri().path(), policy = %decision.reason, "denied by authorization policy");
             return decision::AuthorizeFuture::Denied {
                 error: Some(ProxyError::Denied {
                     detail: decision.denial_header(),
@@ -136,10 +156,8 @@ where
             };
         }
         count("allow", &decision.reason);
-        if let Some(id) = &peer
-            && let Ok(v) = HeaderValue::from_str(&id.to_string())
-        {
-            req.headers_mut().insert(CLIENT_ID, v);
+        if let Some(header) = peer.as_ref().and_then(|p| p.header.clone()) {
+            req.headers_mut().insert(CLIENT_ID, header);
         }
         decision::AuthorizeFuture::Allowed {
             inner: self.inner.call(req),
