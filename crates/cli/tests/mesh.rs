@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -10,61 +12,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use clap::Parser;
+use common::{control, proxy, temp_dir};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use trellis_proxy::app::Running;
-use trellis_proxy::config::{Args, ProxyConfig};
+
 use trellis_test_support::eventually;
 use trellis_test_support::http_server::{self, HttpServer};
 use trellis_test_support::mesh::ControlPlane;
 use trellis_test_support::process::{ControlProcess, ProxyProcess, free_port};
-
-fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("trellis-mesh-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-async fn control(name: &str) -> (trellis_control::Running, ControlPlane) {
-    let data = temp_dir(name);
-    let running = trellis_control::start(trellis_control::ControlConfig::new(
-        "127.0.0.1:0".parse().unwrap(),
-        "127.0.0.1:0".parse().unwrap(),
-        data.clone(),
-    ))
-    .await
-    .unwrap();
-    let cp = ControlPlane {
-        grpc: running.grpc_addr,
-        http: running.http_addr,
-        data,
-    };
-    (running, cp)
-}
-
-async fn proxy(service: &str, cp: &ControlPlane, extra: &[&str]) -> Running {
-    let join = cp.join_args(service).await;
-    let mut argv = vec![
-        "trellis-proxy",
-        "--service",
-        service,
-        "--outbound",
-        "127.0.0.1:0",
-        "--inbound",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--shutdown-grace",
-        "100ms",
-    ];
-    argv.extend(join.iter().map(String::as_str));
-    argv.extend_from_slice(extra);
-    let config = ProxyConfig::from_args(Args::try_parse_from(argv).unwrap()).unwrap();
-    trellis_proxy::app::start(config, Arc::new(trellis_proxy::logging::Fixed::default()))
-        .await
-        .unwrap()
-}
 
 /// An app plus its proxy registered with the control plane.
 async fn instance(service: &str, cp: &ControlPlane) -> (HttpServer, Running) {
@@ -155,7 +111,7 @@ impl Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weighted_split_lands_and_changes_take_effect() {
-    let (_running, cp) = control("split").await;
+    let (_running, cp) = control("split", |_| {}).await;
     let (_v1_app, _v1) = instance("web-v1", &cp).await;
     let (_v2_app, _v2) = instance("web-v2", &cp).await;
     let (status, body) = apply(&cp, &split(80, 20)).await;
@@ -223,7 +179,7 @@ fn proxy_bin() -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_instance_stops_receiving_traffic() {
-    let (_running, cp) = control("kill").await;
+    let (_running, cp) = control("kill", |_| {}).await;
     let (join_a, join_b) = (cp.join_args("backend").await, cp.join_args("backend").await);
     let app_a = http_server::spawn("backend-a").await;
     let app_b = http_server::spawn("backend-b").await;

@@ -5,35 +5,29 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use clap::Parser;
+use common::{control, proxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use trellis_proxy::app::Running;
-use trellis_proxy::config::{Args, ProxyConfig};
 use trellis_test_support::eventually;
 use trellis_test_support::http_server;
 use trellis_test_support::mesh::ControlPlane;
 use trellis_test_support::process::free_port;
 
-async fn proxy(service: &str, cp: &ControlPlane, extra: &[&str]) -> Running {
-    let join = cp.join_args(service).await;
-    let mut argv = vec![
-        "trellis-proxy",
-        "--service",
-        service,
-        "--outbound",
-        "127.0.0.1:0",
-    ];
-    argv.extend(["--admin", "127.0.0.1:0", "--shutdown-grace", "100ms"]);
-    argv.extend(join.iter().map(String::as_str));
-    argv.extend_from_slice(extra);
-    let config = ProxyConfig::from_args(Args::try_parse_from(argv).unwrap()).unwrap();
-    trellis_proxy::app::start(config, Arc::new(trellis_proxy::logging::Fixed::default()))
-        .await
-        .unwrap()
+/// A `web` proxy with an upstream port for orders, returned once that port serves.
+async fn web_caller(cp: &ControlPlane, what: &str) -> (Running, SocketAddr) {
+    let web = proxy("web", cp, &["--upstream", "orders=127.0.0.1:0"]).await;
+    let up = web.bound.upstreams[&trellis_core::ServiceName::new("orders").unwrap()];
+    eventually(what, Duration::from_secs(10), || async move {
+        (get(up, "/", "").await.0 == 200).then_some(())
+    })
+    .await;
+    (web, up)
 }
 
 /// Forwards `listen` → `target`, keeping a copy of every byte that passes either way.
@@ -95,20 +89,7 @@ async fn get(addr: SocketAddr, path: &str, extra_header: &str) -> (u16, String) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mtls_identity_and_policy_between_real_proxies() {
-    let data = std::env::temp_dir().join(format!("trellis-security-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
-    let running = trellis_control::start(trellis_control::ControlConfig::new(
-        "127.0.0.1:0".parse().unwrap(),
-        "127.0.0.1:0".parse().unwrap(),
-        data.clone(),
-    ))
-    .await
-    .unwrap();
-    let cp = ControlPlane {
-        grpc: running.grpc_addr,
-        http: running.http_addr,
-        data,
-    };
+    let (_running, cp) = control("security", |_| {}).await;
 
     // orders: its proxy's inbound sits behind a relay that records the wire.
     let app = http_server::spawn("orders").await;
@@ -341,13 +322,6 @@ async fn mtls_identity_and_policy_between_real_proxies() {
 /// `TRELLIS_SOAK_SECS=600 TRELLIS_SOAK_CERT_TTL_SECS=120`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_lived_certificates_renew_under_load_without_failures() {
-    let data = std::env::temp_dir().join(format!("trellis-renewal-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
-    let mut config = trellis_control::ControlConfig::new(
-        "127.0.0.1:0".parse().unwrap(),
-        "127.0.0.1:0".parse().unwrap(),
-        data.clone(),
-    );
     let knob = |name: &str, default: u64| {
         std::env::var(name)
             .ok()
@@ -358,13 +332,10 @@ async fn short_lived_certificates_renew_under_load_without_failures() {
         knob("TRELLIS_SOAK_SECS", 100),
         knob("TRELLIS_SOAK_CERT_TTL_SECS", 60),
     );
-    config.workload_cert_ttl = Duration::from_secs(ttl);
-    let running = trellis_control::start(config).await.unwrap();
-    let cp = ControlPlane {
-        grpc: running.grpc_addr,
-        http: running.http_addr,
-        data,
-    };
+    let (_running, cp) = control("renewal", |c| {
+        c.workload_cert_ttl = Duration::from_secs(ttl)
+    })
+    .await;
     let app = http_server::spawn("orders").await;
     let orders = proxy(
         "orders",
@@ -372,24 +343,7 @@ async fn short_lived_certificates_renew_under_load_without_failures() {
         &["--app", &app.addr.to_string(), "--inbound", "127.0.0.1:0"],
     )
     .await;
-    let web = proxy(
-        "web",
-        &cp,
-        &[
-            "--inbound",
-            "127.0.0.1:0",
-            "--upstream",
-            "orders=127.0.0.1:0",
-        ],
-    )
-    .await;
-    let up = web.bound.upstreams[&trellis_core::ServiceName::new("orders").unwrap()];
-    eventually(
-        "web reaches orders",
-        Duration::from_secs(10),
-        || async move { (get(up, "/", "").await.0 == 200).then_some(()) },
-    )
-    .await;
+    let (web, up) = web_caller(&cp, "web reaches orders").await;
     let expiry = |admin: SocketAddr| async move {
         let (_, m) =
             trellis_test_support::mesh::http_call(admin, "GET", "/metrics", "", None).await;
@@ -435,24 +389,7 @@ async fn short_lived_certificates_renew_under_load_without_failures() {
         "web renewed at least twice: {seen_web:?}"
     );
 
-    let late = proxy(
-        "web",
-        &cp,
-        &[
-            "--inbound",
-            "127.0.0.1:0",
-            "--upstream",
-            "orders=127.0.0.1:0",
-        ],
-    )
-    .await;
-    let late_up = late.bound.upstreams[&trellis_core::ServiceName::new("orders").unwrap()];
-    eventually(
-        "a new proxy reaches orders",
-        Duration::from_secs(10),
-        || async move { (get(late_up, "/", "").await.0 == 200).then_some(()) },
-    )
-    .await;
+    let (_late, _) = web_caller(&cp, "a new proxy reaches orders").await;
 }
 
 /// A leaf for `uri` signed by `issuer`, valid in [not_before, not_after].
@@ -483,20 +420,8 @@ fn leaf(
 /// keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_client_certificates_are_refused_with_precise_reasons() {
-    let data = std::env::temp_dir().join(format!("trellis-badcerts-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
-    let running = trellis_control::start(trellis_control::ControlConfig::new(
-        "127.0.0.1:0".parse().unwrap(),
-        "127.0.0.1:0".parse().unwrap(),
-        data.clone(),
-    ))
-    .await
-    .unwrap();
-    let cp = ControlPlane {
-        grpc: running.grpc_addr,
-        http: running.http_addr,
-        data: data.clone(),
-    };
+    let (_running, cp) = control("badcerts", |_| {}).await;
+    let data = cp.data.clone();
     let app = http_server::spawn("orders").await;
     let orders = proxy(
         "orders",
@@ -509,7 +434,8 @@ async fn bad_client_certificates_are_refused_with_precise_reasons() {
         "orders has its certificate",
         Duration::from_secs(10),
         || async move {
-            let (_, m) = trellis_test_support::mesh::http_call(
+            // Ready means certificate and first config: the inbound port can do mTLS.
+            let (status, _) = trellis_test_support::mesh::http_call(
                 orders.bound.admin,
                 "GET",
                 "/ready",
@@ -517,11 +443,10 @@ async fn bad_client_certificates_are_refused_with_precise_reasons() {
                 None,
             )
             .await;
-            (!m.is_empty()).then_some(())
+            (status == 200).then_some(())
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
 
     let roots = trellis_api::tls::root_store(&std::fs::read(cp.bundle_path()).unwrap()).unwrap();
     let orders_id =
@@ -597,24 +522,7 @@ async fn bad_client_certificates_are_refused_with_precise_reasons() {
         "garbage counted:\n{metrics}"
     );
     // Still serving the mesh.
-    let web_proxy = proxy(
-        "web",
-        &cp,
-        &[
-            "--inbound",
-            "127.0.0.1:0",
-            "--upstream",
-            "orders=127.0.0.1:0",
-        ],
-    )
-    .await;
-    let up = web_proxy.bound.upstreams[&trellis_core::ServiceName::new("orders").unwrap()];
-    eventually(
-        "orders still serves",
-        Duration::from_secs(10),
-        || async move { (get(up, "/", "").await.0 == 200).then_some(()) },
-    )
-    .await;
+    let (_web, _) = web_caller(&cp, "orders still serves").await;
 }
 
 async fn identity_expiry(admin: SocketAddr) -> i64 {
@@ -629,20 +537,8 @@ async fn identity_expiry(admin: SocketAddr) -> i64 {
 /// root, proxies that join during and after the rotation are served, no request fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_rotation_under_load_fails_no_request() {
-    let data = std::env::temp_dir().join(format!("trellis-rotation-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
-    let running = trellis_control::start(trellis_control::ControlConfig::new(
-        "127.0.0.1:0".parse().unwrap(),
-        "127.0.0.1:0".parse().unwrap(),
-        data.clone(),
-    ))
-    .await
-    .unwrap();
-    let cp = ControlPlane {
-        grpc: running.grpc_addr,
-        http: running.http_addr,
-        data: data.clone(),
-    };
+    let (_running, cp) = control("rotation", |_| {}).await;
+    let data = cp.data.clone();
     let app = http_server::spawn("orders").await;
     let orders = proxy(
         "orders",
@@ -650,24 +546,7 @@ async fn root_rotation_under_load_fails_no_request() {
         &["--app", &app.addr.to_string(), "--inbound", "127.0.0.1:0"],
     )
     .await;
-    let web = proxy(
-        "web",
-        &cp,
-        &[
-            "--inbound",
-            "127.0.0.1:0",
-            "--upstream",
-            "orders=127.0.0.1:0",
-        ],
-    )
-    .await;
-    let up = web.bound.upstreams[&trellis_core::ServiceName::new("orders").unwrap()];
-    eventually(
-        "web reaches orders",
-        Duration::from_secs(10),
-        || async move { (get(up, "/", "").await.0 == 200).then_some(()) },
-    )
-    .await;
+    let (web, up) = web_caller(&cp, "web reaches orders").await;
     let old_root = std::fs::read_to_string(data.join("ca/root.pem")).unwrap();
 
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -728,24 +607,7 @@ async fn root_rotation_under_load_fails_no_request() {
         },
     )
     .await;
-    let during = proxy(
-        "web",
-        &cp,
-        &[
-            "--inbound",
-            "127.0.0.1:0",
-            "--upstream",
-            "orders=127.0.0.1:0",
-        ],
-    )
-    .await;
-    let during_up = during.bound.upstreams[&trellis_core::ServiceName::new("orders").unwrap()];
-    eventually(
-        "a proxy joining mid-rotation is served",
-        Duration::from_secs(10),
-        || async move { (get(during_up, "/", "").await.0 == 200).then_some(()) },
-    )
-    .await;
+    let (_during, _) = web_caller(&cp, "a proxy joining mid-rotation is served").await;
 
     let (_, mid) =
         trellis_test_support::mesh::http_call(cp.http, "GET", "/api/v1/check", "", None).await;
@@ -782,28 +644,18 @@ async fn root_rotation_under_load_fails_no_request() {
         new_root.trim(),
         "only the new root is trusted"
     );
-    tokio::time::sleep(Duration::from_secs(8)).await;
-    let after = proxy(
-        "web",
-        &cp,
-        &[
-            "--inbound",
-            "127.0.0.1:0",
-            "--upstream",
-            "orders=127.0.0.1:0",
-        ],
-    )
-    .await;
-    let after_up = after.bound.upstreams[&trellis_core::ServiceName::new("orders").unwrap()];
+    // The bundle change makes every proxy renew once more, under traffic.
+    let finished = (identity_expiry(o).await, identity_expiry(w).await);
     eventually(
-        "a proxy joining after the rotation is served",
-        Duration::from_secs(10),
+        "both proxies renewed after the finish",
+        Duration::from_secs(20),
         || async move {
-            let r = get(after_up, "/", "").await;
-            (r.0 == 200).then_some(())
+            (identity_expiry(o).await > finished.0 && identity_expiry(w).await > finished.1)
+                .then_some(())
         },
     )
     .await;
+    let (_after, _) = web_caller(&cp, "a proxy joining after the rotation is served").await;
 
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, failed) = traffic.await.unwrap();
