@@ -7,13 +7,17 @@ use std::time::Duration;
 
 use trellis_core::authz::InboundPolicy;
 use trellis_core::discovery::{
-    DestinationDelta, DiscoveredEndpoint, InstanceInfo, PathRule, RouteMatch, RouteRule,
+    DestinationDelta, DiscoveredEndpoint, InstanceInfo, Mirror, PathRule, RouteMatch, RouteRule,
     RouteTable, WeightedBackend,
 };
 use trellis_core::names::{Namespace, ServiceName};
+use trellis_core::policy::{
+    ActiveHealthCheck, ConcurrencyLimits, DestinationPolicy, FaultPolicy, InboundRateLimit,
+    OutlierDetection, RateLimit, RetryBudget, RetryPolicy,
+};
 use trellis_core::resources::{
-    AppProtocol, AuthzAction, AuthzRule, AuthzSource, AuthzTarget, DefaultPolicy, MeshConfigSpec,
-    MtlsMode, TracingConfig,
+    AppProtocol, AuthzAction, AuthzRule, AuthzSource, AuthzTarget, DefaultPolicy, HeaderModifier,
+    HeaderValuePair, LoadBalancer, MeshConfigSpec, MtlsMode, TracingConfig,
 };
 
 pub mod tls;
@@ -143,6 +147,7 @@ impl From<&RouteTable> for pb::RouteTable {
                             path: m.path.as_ref().map(|p| match p {
                                 PathRule::Exact(v) => pb::route_match::Path::Exact(v.clone()),
                                 PathRule::Prefix(v) => pb::route_match::Path::Prefix(v.clone()),
+                                PathRule::Suffix(v) => pb::route_match::Path::Suffix(v.clone()),
                             }),
                             headers: kvs(&m.headers),
                             query: kvs(&m.query),
@@ -159,10 +164,70 @@ impl From<&RouteTable> for pb::RouteTable {
                         .collect(),
                     request_timeout_ms: ms(r.request_timeout),
                     backend_timeout_ms: ms(r.backend_timeout),
+                    retry: r.retry.as_ref().map(|p| pb::RetryPolicy {
+                        codes: p.codes.iter().map(|c| u32::from(*c)).collect(),
+                        attempts: p.attempts,
+                        backoff_ms: ms(Some(p.backoff)),
+                        non_idempotent: p.non_idempotent,
+                    }),
+                    request_headers: r.request_headers.as_ref().map(header_modifier),
+                    response_headers: r.response_headers.as_ref().map(header_modifier),
+                    mirror: r.mirror.as_ref().map(|m| pb::Mirror {
+                        service: m.service.to_string(),
+                        percent: m.percent,
+                    }),
                 })
                 .collect(),
         }
     }
+}
+
+fn header_modifier(m: &HeaderModifier) -> pb::HeaderModifier {
+    let kv = |v: &[HeaderValuePair]| {
+        v.iter()
+            .map(|p| pb::KeyValue {
+                name: p.name.clone(),
+                value: p.value.clone(),
+            })
+            .collect()
+    };
+    pb::HeaderModifier {
+        set: kv(&m.set),
+        add: kv(&m.add),
+        remove: m.remove.clone(),
+    }
+}
+
+/// Header names and values must be valid on the wire: checked here so the proxy can build
+/// them without failing per request.
+fn header_modifier_from(field: &str, m: pb::HeaderModifier) -> Result<HeaderModifier, ApiError> {
+    let pair = |kv: pb::KeyValue| {
+        if http::HeaderName::from_bytes(kv.name.as_bytes()).is_err()
+            || http::HeaderValue::from_str(&kv.value).is_err()
+        {
+            return Err(err(
+                field,
+                format!("invalid header {:?}: {:?}", kv.name, kv.value),
+            ));
+        }
+        Ok(HeaderValuePair {
+            name: kv.name.to_ascii_lowercase(),
+            value: kv.value,
+        })
+    };
+    Ok(HeaderModifier {
+        set: m.set.into_iter().map(pair).collect::<Result<_, _>>()?,
+        add: m.add.into_iter().map(pair).collect::<Result<_, _>>()?,
+        remove: m
+            .remove
+            .into_iter()
+            .map(|n| {
+                http::HeaderName::from_bytes(n.as_bytes())
+                    .map(|h| h.as_str().to_owned())
+                    .map_err(|_| err(field, format!("invalid header name {n:?}")))
+            })
+            .collect::<Result<_, _>>()?,
+    })
 }
 
 fn kvs(pairs: &[(String, String)]) -> Vec<pb::KeyValue> {
@@ -202,6 +267,7 @@ impl TryFrom<pb::RouteTable> for RouteTable {
                         path: m.path.map(|p| match p {
                             pb::route_match::Path::Exact(v) => PathRule::Exact(v),
                             pb::route_match::Path::Prefix(v) => PathRule::Prefix(v),
+                            pb::route_match::Path::Suffix(v) => PathRule::Suffix(v),
                         }),
                         headers: pairs(m.headers),
                         query: m.query.into_iter().map(|kv| (kv.name, kv.value)).collect(),
@@ -211,6 +277,38 @@ impl TryFrom<pb::RouteTable> for RouteTable {
                 backends,
                 request_timeout: from_ms(r.request_timeout_ms),
                 backend_timeout: from_ms(r.backend_timeout_ms),
+                retry: r.retry.map(|p| RetryPolicy {
+                    codes: p
+                        .codes
+                        .into_iter()
+                        .filter_map(|c| u16::try_from(c).ok())
+                        .collect(),
+                    attempts: p.attempts.min(10),
+                    backoff: Duration::from_millis(p.backoff_ms),
+                    non_idempotent: p.non_idempotent,
+                }),
+                request_headers: r
+                    .request_headers
+                    .map(|m| header_modifier_from(&format!("routes.rules[{i}].request_headers"), m))
+                    .transpose()?,
+                response_headers: r
+                    .response_headers
+                    .map(|m| {
+                        header_modifier_from(&format!("routes.rules[{i}].response_headers"), m)
+                    })
+                    .transpose()?,
+                mirror: r
+                    .mirror
+                    .map(|m| {
+                        Ok::<_, ApiError>(Mirror {
+                            service: service(
+                                &format!("routes.rules[{i}].mirror.service"),
+                                &m.service,
+                            )?,
+                            percent: m.percent.clamp(0.0, 100.0),
+                        })
+                    })
+                    .transpose()?,
             });
         }
         Ok(RouteTable { rules })
@@ -239,7 +337,165 @@ impl From<&DestinationDelta> for pb::DestinationUpdate {
             upserted: d.upserted.iter().map(Into::into).collect(),
             removed: d.removed.clone(),
             routes: d.routes.as_ref().map(Into::into),
+            policy: d.policy.as_ref().map(Into::into),
         }
+    }
+}
+
+fn load_balancer_str(lb: LoadBalancer) -> &'static str {
+    match lb {
+        LoadBalancer::P2cEwma => "p2c-ewma",
+        LoadBalancer::RoundRobin => "round-robin",
+        LoadBalancer::LeastRequest => "least-request",
+        LoadBalancer::Random => "random",
+    }
+}
+
+impl From<&DestinationPolicy> for pb::DestinationPolicy {
+    fn from(p: &DestinationPolicy) -> Self {
+        pb::DestinationPolicy {
+            load_balancer: load_balancer_str(p.load_balancer).into(),
+            consecutive_failures: p.outlier.consecutive_failures,
+            base_ejection_ms: ms(Some(p.outlier.base_ejection)),
+            max_ejection_ms: ms(Some(p.outlier.max_ejection)),
+            max_ejected_percent: p.outlier.max_ejected_percent,
+            max_concurrent_requests: p.limits.max_concurrent.unwrap_or(0),
+            max_pending_requests: p.limits.max_pending,
+            retry_budget_ratio: p.retry_budget.ratio,
+            retry_budget_min_per_second: p.retry_budget.min_per_second,
+            health_check: p.health_check.as_ref().map(|h| pb::HealthCheck {
+                path: h.path.clone(),
+                interval_ms: ms(Some(h.interval)),
+                unhealthy_threshold: h.unhealthy_threshold,
+            }),
+            locality_failover: p.locality_failover,
+            fault: p.fault.as_ref().map(|f| pb::Fault {
+                delay_ms: ms(f.delay.map(|d| d.0)),
+                delay_percent: f.delay.map_or(0.0, |d| d.1),
+                abort_status: f.abort.map_or(0, |a| u32::from(a.0)),
+                abort_percent: f.abort.map_or(0.0, |a| a.1),
+            }),
+        }
+    }
+}
+
+impl TryFrom<pb::DestinationPolicy> for DestinationPolicy {
+    type Error = ApiError;
+    fn try_from(p: pb::DestinationPolicy) -> Result<Self, ApiError> {
+        let load_balancer = match p.load_balancer.as_str() {
+            "" | "p2c-ewma" => LoadBalancer::P2cEwma,
+            "round-robin" => LoadBalancer::RoundRobin,
+            "least-request" => LoadBalancer::LeastRequest,
+            "random" => LoadBalancer::Random,
+            other => {
+                return Err(err(
+                    "policy.load_balancer",
+                    format!("unknown load balancer {other:?}"),
+                ));
+            }
+        };
+        let percent = |field: &str, v: f64| {
+            if (0.0..=100.0).contains(&v) {
+                Ok(v)
+            } else {
+                Err(err(field, format!("{v} is not a percentage")))
+            }
+        };
+        let fault = match p.fault {
+            None => None,
+            Some(f) => Some(FaultPolicy {
+                delay: (f.delay_ms > 0)
+                    .then(|| percent("policy.fault.delay_percent", f.delay_percent))
+                    .transpose()?
+                    .map(|pct| (Duration::from_millis(f.delay_ms), pct)),
+                abort: match u16::try_from(f.abort_status) {
+                    Ok(0) => None,
+                    Ok(s @ 100..=599) => {
+                        Some((s, percent("policy.fault.abort_percent", f.abort_percent)?))
+                    }
+                    _ => return Err(err("policy.fault.abort_status", "not an HTTP status")),
+                },
+            }),
+        };
+        Ok(DestinationPolicy {
+            load_balancer,
+            outlier: OutlierDetection {
+                consecutive_failures: p.consecutive_failures.max(1),
+                base_ejection: Duration::from_millis(p.base_ejection_ms),
+                max_ejection: Duration::from_millis(p.max_ejection_ms.max(p.base_ejection_ms)),
+                max_ejected_percent: p.max_ejected_percent.min(100),
+            },
+            limits: ConcurrencyLimits {
+                max_concurrent: (p.max_concurrent_requests > 0)
+                    .then_some(p.max_concurrent_requests),
+                max_pending: p.max_pending_requests,
+            },
+            retry_budget: RetryBudget {
+                ratio: if p.retry_budget_ratio.is_finite() {
+                    p.retry_budget_ratio.clamp(0.0, 1.0)
+                } else {
+                    0.0
+                },
+                min_per_second: p.retry_budget_min_per_second,
+            },
+            health_check: p
+                .health_check
+                .map(|h| {
+                    if !h.path.starts_with('/') || h.interval_ms == 0 {
+                        return Err(err("policy.health_check", "needs a /path and an interval"));
+                    }
+                    Ok(ActiveHealthCheck {
+                        path: h.path,
+                        interval: Duration::from_millis(h.interval_ms),
+                        unhealthy_threshold: h.unhealthy_threshold.max(1),
+                    })
+                })
+                .transpose()?,
+            locality_failover: p.locality_failover,
+            fault,
+        })
+    }
+}
+
+impl From<&InboundRateLimit> for pb::RateLimitPolicy {
+    fn from(r: &InboundRateLimit) -> Self {
+        let bucket = |b: &RateLimit| pb::TokenBucket {
+            requests_per_second: b.requests_per_second,
+            burst: b.burst,
+        };
+        pb::RateLimitPolicy {
+            name: r.name.clone(),
+            route: r.route.clone().unwrap_or_default(),
+            total: Some(bucket(&r.total)),
+            per_caller: r.per_caller.as_ref().map(bucket),
+        }
+    }
+}
+
+impl TryFrom<pb::RateLimitPolicy> for InboundRateLimit {
+    type Error = ApiError;
+    fn try_from(r: pb::RateLimitPolicy) -> Result<Self, ApiError> {
+        let bucket = |field: &str, b: pb::TokenBucket| {
+            if !(b.requests_per_second > 0.0 && b.requests_per_second.is_finite()) {
+                return Err(err(field, "requests_per_second must be positive"));
+            }
+            Ok(RateLimit {
+                requests_per_second: b.requests_per_second,
+                burst: b.burst.max(1),
+            })
+        };
+        Ok(InboundRateLimit {
+            name: r.name,
+            route: (!r.route.is_empty()).then_some(r.route),
+            total: bucket(
+                "rate_limit.total",
+                r.total.ok_or_else(|| err("rate_limit.total", "missing"))?,
+            )?,
+            per_caller: r
+                .per_caller
+                .map(|b| bucket("rate_limit.per_caller", b))
+                .transpose()?,
+        })
     }
 }
 
@@ -271,6 +527,7 @@ impl TryFrom<pb::DestinationUpdate> for DestinationDelta {
                 .collect::<Result<_, _>>()?,
             removed: d.removed,
             routes: d.routes.map(RouteTable::try_from).transpose()?,
+            policy: d.policy.map(DestinationPolicy::try_from).transpose()?,
         })
     }
 }
@@ -448,7 +705,38 @@ mod tests {
                     }],
                     request_timeout: Some(Duration::from_millis(1500)),
                     backend_timeout: None,
+                    retry: Some(RetryPolicy {
+                        codes: vec![503],
+                        attempts: 3,
+                        backoff: Duration::from_millis(50),
+                        non_idempotent: true,
+                    }),
+                    request_headers: Some(HeaderModifier {
+                        set: vec![HeaderValuePair {
+                            name: "x-env".into(),
+                            value: "canary".into(),
+                        }],
+                        add: vec![],
+                        remove: vec!["x-debug".into()],
+                    }),
+                    response_headers: None,
+                    mirror: Some(Mirror {
+                        service: ServiceName::new("payments-shadow").expect("name"),
+                        percent: 25.0,
+                    }),
                 }],
+            }),
+            policy: Some(DestinationPolicy {
+                load_balancer: LoadBalancer::LeastRequest,
+                limits: ConcurrencyLimits {
+                    max_concurrent: Some(10),
+                    max_pending: 2,
+                },
+                fault: Some(FaultPolicy {
+                    delay: Some((Duration::from_millis(100), 10.0)),
+                    abort: Some((503, 50.0)),
+                }),
+                ..DestinationPolicy::default()
             }),
         };
         let wire = pb::DestinationUpdate::from(&delta);

@@ -252,6 +252,7 @@ impl pb::proxy_control_server::ProxyControl for ControlService {
                         pb::control_message::Message::InboundPolicy(pb::InboundPolicy {
                             policies: v.policies.iter().map(Into::into).collect(),
                             routes: Some((&v.routes).into()),
+                            rate_limits: v.rate_limits.iter().map(Into::into).collect(),
                         })
                     }
                 };

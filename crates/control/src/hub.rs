@@ -15,7 +15,11 @@ use tokio::sync::mpsc;
 use trellis_core::authz::InboundPolicy;
 use trellis_core::discovery::{DestinationDelta, DiscoveredEndpoint, InstanceInfo, RouteTable};
 use trellis_core::names::{Namespace, ServiceName};
-use trellis_core::resources::{AppProtocol, MeshConfigSpec, Resource, Spec};
+use trellis_core::policy::{DestinationPolicy, InboundRateLimit};
+use trellis_core::resources::{
+    AppProtocol, DestinationPolicySpec, FaultInjectionSpec, GrpcRouteSpec, MeshConfigSpec,
+    Resource, Spec, TargetRef,
+};
 
 use crate::metrics::ControlMetrics;
 
@@ -36,6 +40,7 @@ pub enum Push {
 pub struct InboundView {
     pub policies: Vec<InboundPolicy>,
     pub routes: RouteTable,
+    pub rate_limits: Vec<InboundRateLimit>,
 }
 
 /// Most services one proxy may watch (a bound against a rogue client).
@@ -47,6 +52,7 @@ pub const SESSION_QUEUE: usize = 4096;
 struct ServiceView {
     endpoints: BTreeMap<String, DiscoveredEndpoint>,
     routes: RouteTable,
+    policy: DestinationPolicy,
     protocol: Option<AppProtocol>,
     declared: bool,
 }
@@ -97,6 +103,8 @@ struct State {
     registry_version: u64,
     /// Authorization policies by the service (and namespace) they target.
     policies: HashMap<(Namespace, ServiceName), Vec<InboundPolicy>>,
+    /// Rate limits by the service (and namespace) they target.
+    rate_limits: HashMap<(Namespace, ServiceName), Vec<InboundRateLimit>>,
 }
 
 /// Shared handle to the hub.
@@ -187,6 +195,7 @@ impl Hub {
         };
         let view = InboundView {
             policies: st.policies.get(&own).cloned().unwrap_or_default(),
+            rate_limits: st.rate_limits.get(&own).cloned().unwrap_or_default(),
             routes: st
                 .services
                 .get(&own.1)
@@ -297,6 +306,7 @@ impl Hub {
             upserted: view.endpoints.values().cloned().collect(),
             removed: Vec::new(),
             routes: Some(view.routes.clone()),
+            policy: Some(view.policy.clone()),
         };
         let ok = s.tx.try_send(Push::Destination(delta)).is_ok();
         s.sent.insert(service.clone(), view);
@@ -404,6 +414,21 @@ impl Hub {
         let mut declared: HashMap<ServiceName, Option<AppProtocol>> = HashMap::new();
         let mut mesh_config = MeshConfigSpec::default();
         let mut policies: HashMap<(Namespace, ServiceName), Vec<InboundPolicy>> = HashMap::new();
+        let mut rate_limits: HashMap<(Namespace, ServiceName), Vec<InboundRateLimit>> =
+            HashMap::new();
+        let mut grpc_routes: HashMap<ServiceName, Vec<(&str, &GrpcRouteSpec)>> = HashMap::new();
+        let mut dest_policies: HashMap<ServiceName, &DestinationPolicySpec> = HashMap::new();
+        let mut faults: HashMap<ServiceName, &FaultInjectionSpec> = HashMap::new();
+        let target = |r: &Resource, t: &TargetRef| {
+            let ns = t
+                .namespace
+                .as_deref()
+                .unwrap_or(r.metadata.namespace.as_str());
+            Some((
+                Namespace::new(ns).ok()?,
+                ServiceName::new(t.name.as_str()).ok()?,
+            ))
+        };
         for r in resources {
             match &r.spec {
                 Spec::HTTPRoute(spec) => {
@@ -422,6 +447,38 @@ impl Hub {
                     }
                 }
                 Spec::MeshConfig(spec) => mesh_config = spec.clone(),
+                Spec::GRPCRoute(spec) => {
+                    for p in &spec.parent_refs {
+                        if let Ok(name) = ServiceName::new(p.name.as_str()) {
+                            grpc_routes
+                                .entry(name)
+                                .or_default()
+                                .push((r.metadata.name.as_str(), spec));
+                        }
+                    }
+                }
+                Spec::DestinationPolicy(spec) => {
+                    if let Some((_, svc)) = target(r, &spec.target_ref) {
+                        dest_policies.insert(svc, spec);
+                    }
+                }
+                Spec::FaultInjection(spec) => {
+                    if let Some((_, svc)) = target(r, &spec.target_ref) {
+                        faults.insert(svc, spec);
+                    }
+                }
+                Spec::RateLimitPolicy(spec) => {
+                    if let Some(key) = target(r, &spec.target_ref) {
+                        rate_limits
+                            .entry(key)
+                            .or_default()
+                            .push(InboundRateLimit::from_spec(
+                                &r.metadata.namespace,
+                                &r.metadata.name,
+                                spec,
+                            ));
+                    }
+                }
                 Spec::AuthorizationPolicy(spec) if spec.target_ref.kind == "Service" => {
                     let ns = spec
                         .target_ref
@@ -446,23 +503,36 @@ impl Hub {
         }
         let mut st = self.lock();
         st.policies = policies;
+        st.rate_limits = rate_limits;
         let names: HashSet<ServiceName> = st
             .services
             .keys()
             .chain(routes.keys())
+            .chain(grpc_routes.keys())
             .chain(declared.keys())
+            .chain(dest_policies.keys())
+            .chain(faults.keys())
             .cloned()
             .collect();
         for name in names {
-            let table = routes
-                .get(&name)
-                .map(|rs| RouteTable::from_http_routes(rs.iter().copied()))
-                .unwrap_or_default();
+            let table = RouteTable::from_routes(
+                routes.get(&name).into_iter().flatten().copied(),
+                grpc_routes.get(&name).into_iter().flatten().copied(),
+            );
+            let policy = DestinationPolicy::resolve(
+                dest_policies.get(&name).copied(),
+                faults.get(&name).copied(),
+            );
             let view = st.services.entry(name.clone()).or_default();
             let protocol = declared.get(&name).copied().flatten();
             let is_declared = declared.contains_key(&name);
-            if view.routes != table || view.protocol != protocol || view.declared != is_declared {
+            if view.routes != table
+                || view.protocol != protocol
+                || view.declared != is_declared
+                || view.policy != policy
+            {
                 view.routes = table;
+                view.policy = policy;
                 view.protocol = protocol;
                 view.declared = is_declared;
                 self.fan_out(&mut st, &name, start);
@@ -588,8 +658,14 @@ fn diff(service: &ServiceName, sent: &ServiceView, now: &ServiceView) -> Option<
         .cloned()
         .collect();
     let routes = (sent.routes != now.routes).then(|| now.routes.clone());
+    let policy = (sent.policy != now.policy).then(|| now.policy.clone());
     let meta_changed = sent.protocol != now.protocol || sent.exists() != now.exists();
-    if upserted.is_empty() && removed.is_empty() && routes.is_none() && !meta_changed {
+    if upserted.is_empty()
+        && removed.is_empty()
+        && routes.is_none()
+        && policy.is_none()
+        && !meta_changed
+    {
         return None;
     }
     Some(DestinationDelta {
@@ -600,6 +676,7 @@ fn diff(service: &ServiceName, sent: &ServiceView, now: &ServiceView) -> Option<
         upserted,
         removed,
         routes,
+        policy,
     })
 }
 

@@ -10,7 +10,11 @@ use serde::Serialize;
 
 use crate::duration::parse_duration;
 use crate::names::ServiceName;
-use crate::resources::{HttpRouteMatch, HttpRouteSpec, PathMatchType};
+use crate::policy::{DestinationPolicy, RetryPolicy};
+use crate::resources::{
+    FilterType, GrpcRouteSpec, HeaderModifier, HttpRouteFilter, HttpRouteMatch, HttpRouteSpec,
+    PathMatchType,
+};
 
 /// One instance of a service, as the registry knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -35,6 +39,8 @@ pub struct WeightedBackend {
 pub enum PathRule {
     Exact(String),
     Prefix(String),
+    /// gRPC method matches without a service: `/<any service>/<method>`.
+    Suffix(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -46,8 +52,16 @@ pub struct RouteMatch {
     pub method: Option<String>,
 }
 
+/// Copies of a route's requests sent to a shadow service (responses dropped).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Mirror {
+    pub service: ServiceName,
+    /// Share of requests copied, 0–100.
+    pub percent: f64,
+}
+
 /// One route: the first rule whose matches accept a request decides its backends.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RouteRule {
     /// `<route name>` or `<route name>.<rule name>`; the metrics `route` label.
     pub name: String,
@@ -57,10 +71,35 @@ pub struct RouteRule {
     pub backends: Vec<WeightedBackend>,
     pub request_timeout: Option<Duration>,
     pub backend_timeout: Option<Duration>,
+    /// `None`: only connection failures are retried (see [`RetryPolicy::connect_only`]).
+    pub retry: Option<RetryPolicy>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_headers: Option<HeaderModifier>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_headers: Option<HeaderModifier>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Mirror>,
+}
+
+impl RouteRule {
+    /// A rule that sends everything to `backends` with no other behaviour.
+    pub fn plain(name: impl Into<String>, backends: Vec<WeightedBackend>) -> Self {
+        Self {
+            name: name.into(),
+            matches: Vec::new(),
+            backends,
+            request_timeout: None,
+            backend_timeout: None,
+            retry: None,
+            request_headers: None,
+            response_headers: None,
+            mirror: None,
+        }
+    }
 }
 
 /// Ordered route rules of one service (most specific first).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
 pub struct RouteTable {
     pub rules: Vec<RouteRule>,
 }
@@ -84,6 +123,7 @@ impl RouteMatch {
             None => true,
             Some(PathRule::Exact(p)) => req.path == p,
             Some(PathRule::Prefix(p)) => path_has_prefix(req.path, p),
+            Some(PathRule::Suffix(s)) => req.path.ends_with(s.as_str()),
         };
         path_ok
             && self.method.as_deref().is_none_or(|m| m == req.method)
@@ -106,6 +146,7 @@ impl RouteMatch {
         let (exact, len) = match &self.path {
             Some(PathRule::Exact(p)) => (1, p.len()),
             Some(PathRule::Prefix(p)) => (0, p.len()),
+            Some(PathRule::Suffix(s)) => (0, s.len()),
             None => (0, 1),
         };
         (
@@ -146,32 +187,29 @@ impl RouteTable {
     pub fn from_http_routes<'a>(
         routes: impl IntoIterator<Item = (&'a str, &'a HttpRouteSpec)>,
     ) -> Self {
+        Self::from_routes(routes, [])
+    }
+
+    /// Builds the table of a service from its HTTPRoutes and GRPCRoutes (gRPC methods become
+    /// paths `/<service>/<method>`), ordered by precedence.
+    pub fn from_routes<'a>(
+        http: impl IntoIterator<Item = (&'a str, &'a HttpRouteSpec)>,
+        grpc: impl IntoIterator<Item = (&'a str, &'a GrpcRouteSpec)>,
+    ) -> Self {
         let mut flat: Vec<(RouteMatch, RouteRule)> = Vec::new();
-        for (route_name, spec) in routes {
+        let rule_name = |route: &str, rule: &Option<String>| match rule {
+            Some(n) => format!("{route}.{n}"),
+            None => route.to_owned(),
+        };
+        for (route_name, spec) in http {
             for rule in &spec.rules {
-                let name = match &rule.name {
-                    Some(n) => format!("{route_name}.{n}"),
-                    None => route_name.to_owned(),
-                };
-                let backends = rule
-                    .backend_refs
-                    .iter()
-                    .filter_map(|b| {
-                        Some(WeightedBackend {
-                            service: ServiceName::new(b.name.as_str()).ok()?,
-                            weight: u32::try_from(b.weight).ok()?,
-                        })
-                    })
-                    .collect::<Vec<_>>();
-                let timeouts = rule.timeouts.as_ref();
-                let dur = |s: Option<&String>| s.and_then(|s| parse_duration(s).ok());
-                let base = RouteRule {
-                    name,
-                    matches: Vec::new(),
-                    backends,
-                    request_timeout: dur(timeouts.and_then(|t| t.request.as_ref())),
-                    backend_timeout: dur(timeouts.and_then(|t| t.backend_request.as_ref())),
-                };
+                let mut base = base_rule(
+                    rule_name(route_name, &rule.name),
+                    &rule.backend_refs,
+                    rule.timeouts.as_ref(),
+                    rule.retry.as_ref(),
+                );
+                apply_filters(&mut base, &rule.filters);
                 let matches: Vec<RouteMatch> = if rule.matches.is_empty() {
                     vec![convert_match(&HttpRouteMatch {
                         path: None,
@@ -181,6 +219,53 @@ impl RouteTable {
                     })]
                 } else {
                     rule.matches.iter().map(convert_match).collect()
+                };
+                for m in matches {
+                    flat.push((m, base.clone()));
+                }
+            }
+        }
+        for (route_name, spec) in grpc {
+            for rule in &spec.rules {
+                let base = base_rule(
+                    route_name.to_owned(),
+                    &rule.backend_refs,
+                    rule.timeouts.as_ref(),
+                    rule.retry.as_ref(),
+                );
+                let matches: Vec<RouteMatch> = if rule.matches.is_empty() {
+                    vec![RouteMatch {
+                        path: None,
+                        headers: vec![],
+                        query: vec![],
+                        method: None,
+                    }]
+                } else {
+                    rule.matches
+                        .iter()
+                        .map(|m| {
+                            let method = m.method.as_ref();
+                            let service = method.and_then(|x| x.service.as_deref());
+                            let name = method.and_then(|x| x.method.as_deref());
+                            RouteMatch {
+                                path: match (service, name) {
+                                    (Some(s), Some(n)) => {
+                                        Some(PathRule::Exact(format!("/{s}/{n}")))
+                                    }
+                                    (Some(s), None) => Some(PathRule::Prefix(format!("/{s}"))),
+                                    (None, Some(n)) => Some(PathRule::Suffix(format!("/{n}"))),
+                                    (None, None) => None,
+                                },
+                                headers: m
+                                    .headers
+                                    .iter()
+                                    .map(|h| (h.name.to_ascii_lowercase(), h.value.clone()))
+                                    .collect(),
+                                query: vec![],
+                                method: None,
+                            }
+                        })
+                        .collect()
                 };
                 for m in matches {
                     flat.push((m, base.clone()));
@@ -197,6 +282,51 @@ impl RouteTable {
                     rule
                 })
                 .collect(),
+        }
+    }
+}
+
+fn base_rule(
+    name: String,
+    backend_refs: &[crate::resources::BackendRef],
+    timeouts: Option<&crate::resources::Timeouts>,
+    retry: Option<&crate::resources::Retry>,
+) -> RouteRule {
+    let backends = backend_refs
+        .iter()
+        .filter_map(|b| {
+            Some(WeightedBackend {
+                service: ServiceName::new(b.name.as_str()).ok()?,
+                weight: u32::try_from(b.weight).ok()?,
+            })
+        })
+        .collect::<Vec<_>>();
+    let dur = |s: Option<&String>| s.and_then(|s| parse_duration(s).ok());
+    RouteRule {
+        request_timeout: dur(timeouts.and_then(|t| t.request.as_ref())),
+        backend_timeout: dur(timeouts.and_then(|t| t.backend_request.as_ref())),
+        retry: retry.map(RetryPolicy::from_spec),
+        ..RouteRule::plain(name, backends)
+    }
+}
+
+fn apply_filters(rule: &mut RouteRule, filters: &[HttpRouteFilter]) {
+    for f in filters {
+        match f.kind {
+            FilterType::RequestHeaderModifier => {
+                rule.request_headers = f.request_header_modifier.clone();
+            }
+            FilterType::ResponseHeaderModifier => {
+                rule.response_headers = f.response_header_modifier.clone();
+            }
+            FilterType::RequestMirror => {
+                rule.mirror = f.request_mirror.as_ref().and_then(|m| {
+                    Some(Mirror {
+                        service: ServiceName::new(m.backend_ref.name.as_str()).ok()?,
+                        percent: m.percent.unwrap_or(100.0).clamp(0.0, 100.0),
+                    })
+                });
+            }
         }
     }
 }
@@ -371,7 +501,7 @@ impl InstanceInfo {
 }
 
 /// A change to what a proxy knows about one destination service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DestinationDelta {
     pub service: ServiceName,
     /// Replace everything known (first push or resync) rather than patch.
@@ -383,4 +513,6 @@ pub struct DestinationDelta {
     pub removed: Vec<String>,
     /// The new route table, when it changed.
     pub routes: Option<RouteTable>,
+    /// The policy for calls to the service, when it changed (always on reset).
+    pub policy: Option<DestinationPolicy>,
 }

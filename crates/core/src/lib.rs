@@ -8,6 +8,7 @@ pub mod discovery;
 pub mod duration;
 pub mod identity;
 pub mod names;
+pub mod policy;
 pub mod proxy_config;
 pub mod resources;
 pub mod time;

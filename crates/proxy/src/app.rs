@@ -138,11 +138,14 @@ pub async fn start(
         drain: drain.clone(),
     };
     let (watch_tx, watch_rx) = tokio::sync::mpsc::unbounded_channel();
-    let destinations = Arc::new(Destinations::with_discovery(
-        &config.destinations,
-        config.namespace.clone(),
-        dynamic.then_some(watch_tx),
-    ));
+    let destinations = Arc::new(
+        Destinations::with_discovery(
+            &config.destinations,
+            config.namespace.clone(),
+            dynamic.then_some(watch_tx),
+        )
+        .with_local_zone(config.zone.as_deref().unwrap_or("")),
+    );
     let ctx = Arc::new(ServerCtx {
         service: Label::from(config.service.as_str()),
         default_route: Label::from("default"),
@@ -157,7 +160,8 @@ pub async fn start(
         destinations: destinations.clone(),
         clients: clients.clone(),
         outbound: stack::outbound(
-            Forward::new(clients.clone(), tunnels.clone()),
+            Forward::new(clients.clone(), tunnels.clone(), metrics.clone()),
+            destinations.clone(),
             &metrics,
             &access_log,
         ),

@@ -312,13 +312,25 @@ impl ControlClient {
                     .into_iter()
                     .map(trellis_core::authz::InboundPolicy::try_from)
                     .collect();
-                match (policies, routes) {
-                    (Ok(policies), Ok(routes)) => {
-                        tracing::info!(policies = policies.len(), "authorization policies updated");
-                        self.inbound_policy
-                            .set_policies(policies, routes.unwrap_or_default());
+                let rate_limits: Result<Vec<_>, _> = p
+                    .rate_limits
+                    .into_iter()
+                    .map(trellis_core::policy::InboundRateLimit::try_from)
+                    .collect();
+                match (policies, routes, rate_limits) {
+                    (Ok(policies), Ok(routes), Ok(rate_limits)) => {
+                        tracing::info!(
+                            policies = policies.len(),
+                            rate_limits = rate_limits.len(),
+                            "inbound policies updated"
+                        );
+                        self.inbound_policy.set_policies(
+                            policies,
+                            routes.unwrap_or_default(),
+                            rate_limits,
+                        );
                     }
-                    (Err(e), _) | (_, Err(e)) => {
+                    (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
                         tracing::warn!(error = %e, "ignoring malformed authorization policy update")
                     }
                 }

@@ -49,14 +49,29 @@ pub enum ProxyError {
     /// (`denied policy=<ns>/<name>`, `denied no-matching-allow`, `denied unauthenticated`).
     #[error("{detail}")]
     Denied { detail: String },
+    /// Every endpoint is ejected (outlier detection) or failing its health checks.
+    #[error("every endpoint of {service} is ejected after failures")]
+    CircuitOpen { service: String },
+    /// The destination's concurrency limit and pending queue are full.
+    #[error("{service} is at its concurrency limit")]
+    Overloaded { service: String },
+    /// An inbound RateLimitPolicy refused the request.
+    #[error("rate limited by {policy}; retry after {retry_after_secs}s")]
+    RateLimited {
+        policy: String,
+        retry_after_secs: u64,
+    },
 }
 
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::UnknownService { .. } | Self::NoEndpoints { .. } | Self::Draining => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::UnknownService { .. }
+            | Self::NoEndpoints { .. }
+            | Self::Draining
+            | Self::CircuitOpen { .. }
+            | Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::MissingAuthority | Self::Malformed(_) => StatusCode::BAD_REQUEST,
             Self::ConnectFailed { .. } | Self::ConnectTimeout { .. } | Self::Upstream(_) => {
                 StatusCode::BAD_GATEWAY
@@ -77,13 +92,42 @@ impl ProxyError {
             Self::Upstream(_) => "upstream-failed",
             Self::Draining => "draining",
             Self::Denied { .. } => "denied",
+            Self::CircuitOpen { .. } => "circuit-open",
+            Self::Overloaded { .. } => "overloaded",
+            Self::RateLimited { .. } => "rate-limited",
         }
+    }
+
+    /// Seconds a refused caller should wait (`retry-after`).
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::RateLimited {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            _ => None,
+        }
+    }
+
+    /// Whether the request certainly never reached an app: another endpoint may be tried
+    /// whatever the method.
+    pub fn never_sent(&self) -> bool {
+        matches!(
+            self,
+            Self::ConnectFailed { .. } | Self::ConnectTimeout { .. }
+        )
     }
 
     pub fn fault(&self) -> Fault {
         match self {
-            Self::MissingAuthority | Self::Malformed(_) | Self::Denied { .. } => Fault::Client,
-            Self::UnknownService { .. } | Self::NoEndpoints { .. } | Self::Draining => Fault::Proxy,
+            Self::MissingAuthority
+            | Self::Malformed(_)
+            | Self::Denied { .. }
+            | Self::RateLimited { .. } => Fault::Client,
+            Self::UnknownService { .. }
+            | Self::NoEndpoints { .. }
+            | Self::Draining
+            | Self::CircuitOpen { .. }
+            | Self::Overloaded { .. } => Fault::Proxy,
             Self::ConnectFailed { .. }
             | Self::ConnectTimeout { .. }
             | Self::Timeout(_)
@@ -94,10 +138,11 @@ impl ProxyError {
     /// gRPC status code for gRPC callers (they read `grpc-status`, not the HTTP status).
     pub fn grpc_status(&self) -> u8 {
         match self.status() {
-            StatusCode::GATEWAY_TIMEOUT => 4, // DEADLINE_EXCEEDED
-            StatusCode::FORBIDDEN => 7,       // PERMISSION_DENIED
-            StatusCode::BAD_REQUEST => 3,     // INVALID_ARGUMENT
-            _ => 14,                          // UNAVAILABLE
+            StatusCode::GATEWAY_TIMEOUT => 4,   // DEADLINE_EXCEEDED
+            StatusCode::FORBIDDEN => 7,         // PERMISSION_DENIED
+            StatusCode::BAD_REQUEST => 3,       // INVALID_ARGUMENT
+            StatusCode::TOO_MANY_REQUESTS => 8, // RESOURCE_EXHAUSTED
+            _ => 14,                            // UNAVAILABLE
         }
     }
 

@@ -153,6 +153,7 @@ pub struct InboundPolicy {
     pub routes: RouteTable,
     pub mtls: MtlsMode,
     pub default_policy: DefaultPolicy,
+    pub rate_limits: Vec<trellis_core::policy::InboundRateLimit>,
 }
 
 /// The current [`InboundPolicy`], replaced whole on every update.
@@ -175,10 +176,12 @@ impl InboundPolicyCell {
         &self,
         policies: Vec<trellis_core::authz::InboundPolicy>,
         routes: RouteTable,
+        rate_limits: Vec<trellis_core::policy::InboundRateLimit>,
     ) {
         self.update(|p| {
             p.policies = policies;
             p.routes = routes;
+            p.rate_limits = rate_limits;
         });
     }
 }

@@ -96,6 +96,56 @@ pub struct Metrics {
     pub tls_handshakes: Family<HandshakeLabels, Counter>,
     pub authz_decisions: Family<AuthzLabels, Counter>,
     pub identity_expiry: Gauge,
+    pub retries: Family<RetryLabels, Counter>,
+    pub ejections: Family<EjectionLabels, Counter>,
+    pub circuit_open: Family<EndpointLabels, Gauge>,
+    pub rate_limited: Family<RateLimitLabels, Counter>,
+    pub faults: Family<FaultLabels, Counter>,
+    pub mirrored: Family<MirrorLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub dst: Label,
+    pub route: Label,
+    /// `connect-failed`, `status`, `upstream-failed` or `timeout`.
+    pub reason: &'static str,
+    /// `retried`, or why not: `budget-exhausted`, `body-too-large`.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EjectionLabels {
+    pub dst: Label,
+    /// The failure that tripped it (`connect-failed`, `5xx`, `timeout`, ...), or
+    /// `refused-max-percent` when the limit kept the endpoint in.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub dst: Label,
+    pub endpoint: Label,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLimitLabels {
+    pub policy: Label,
+    /// `total` or `caller`.
+    pub scope: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FaultLabels {
+    pub dst: Label,
+    /// `delay` or `abort`.
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorLabels {
+    pub mirror: Label,
+    pub result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -130,6 +180,12 @@ impl Metrics {
             tls_handshakes: Family::default(),
             authz_decisions: Family::default(),
             identity_expiry: Gauge::default(),
+            retries: Family::default(),
+            ejections: Family::default(),
+            circuit_open: Family::default(),
+            rate_limited: Family::default(),
+            faults: Family::default(),
+            mirrored: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("trellis");
         r.register(
@@ -191,6 +247,36 @@ impl Metrics {
             "identity_expiry_timestamp_seconds",
             "When this proxy's workload certificate expires (Unix time)",
             m.identity_expiry.clone(),
+        );
+        r.register(
+            "http_retries",
+            "Retries of outbound requests, by reason and result",
+            m.retries.clone(),
+        );
+        r.register(
+            "endpoint_ejections",
+            "Endpoints ejected by outlier detection",
+            m.ejections.clone(),
+        );
+        r.register(
+            "circuit_breaker_open",
+            "1 while an endpoint is ejected or half-open",
+            m.circuit_open.clone(),
+        );
+        r.register(
+            "ratelimited",
+            "Inbound requests refused by a RateLimitPolicy",
+            m.rate_limited.clone(),
+        );
+        r.register(
+            "faults_injected",
+            "Faults injected into outbound requests",
+            m.faults.clone(),
+        );
+        r.register(
+            "mirrored_requests",
+            "Copies of requests sent to mirror services, by outcome",
+            m.mirrored.clone(),
         );
         m
     }

@@ -25,7 +25,8 @@ use crate::head::{HeadCheck, check_request_head};
 use crate::http::client::{self, Clients};
 use crate::http::destinations::{DestinationState, Destinations, Target, choose_backend};
 use crate::http::headers;
-use crate::http::outbound::{Backend, DISCOVERY_TIMEOUT, open_tcp};
+use crate::http::outbound::{Backend, DISCOVERY_TIMEOUT, SelectedRoute, open_tcp};
+use crate::http::outlier::Outcome;
 use crate::http::stack::HttpStack;
 use crate::http::{Direction, RequestMeta};
 use crate::io::{IdleTimeout, PrefixedIo};
@@ -372,6 +373,9 @@ async fn prepare(
                 if let Some(i) = snap.routes.select_index(&facts) {
                     let rule = &snap.routes.rules[i];
                     route = snap.route_labels.get(i).cloned();
+                    if let Some(shared) = snap.route_rules.get(i) {
+                        req.extensions_mut().insert(SelectedRoute(shared.clone()));
+                    }
                     timeout = rule.request_timeout.or(timeout);
                     let backend = choose_backend(rule)
                         .filter(|b| *b != &d.name)
@@ -501,14 +505,20 @@ async fn forward_tcp(
             dest.known(DISCOVERY_TIMEOUT).await;
             let upstream = match dest.pick() {
                 // Per connection: the choice counts as in flight while the connection opens.
-                Ok((ep, _in_flight)) => {
-                    open_tcp(
+                Ok((ep, in_flight)) => {
+                    let opened = open_tcp(
                         &ctx.clients,
                         &ep,
                         &dest.name,
                         &format!("{}:{}", dest.name, ep.address.port()),
                     )
-                    .await
+                    .await;
+                    let outcome = match &opened {
+                        Ok(_) => Outcome::Success,
+                        Err(e) => Outcome::Failure(e.reason()),
+                    };
+                    dest.record(&in_flight, outcome);
+                    opened
                 }
                 Err(e) => Err(e),
             };

@@ -35,10 +35,16 @@ pub struct HttpServer {
     pub addr: SocketAddr,
     /// Requests served so far.
     pub requests: Arc<AtomicU64>,
+    failing: Arc<std::sync::atomic::AtomicBool>,
     _stop: DropGuard,
 }
 
 impl HttpServer {
+    /// The switch of [`Behavior::failing`]: set it to make every request fail from now on.
+    pub fn failing_handle(&self) -> &std::sync::atomic::AtomicBool {
+        &self.failing
+    }
+
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::SeqCst)
     }
@@ -144,9 +150,40 @@ pub async fn spawn(name: &str) -> HttpServer {
 
 /// Like [`spawn`], but every response waits `delay` first (a slow instance).
 pub async fn spawn_with_delay(name: &str, delay: Duration) -> HttpServer {
+    spawn_with(
+        name,
+        Behavior {
+            delay,
+            ..Behavior::default()
+        },
+    )
+    .await
+}
+
+/// How a test app misbehaves.
+#[derive(Debug, Clone, Default)]
+pub struct Behavior {
+    /// Every response waits this long first.
+    pub delay: Duration,
+    /// Every Nth request (counting from the first) is answered 503 (0: never). Counter-based,
+    /// so a failure rate is exact rather than random.
+    pub fail_every: u64,
+    /// While set, every request is answered 503.
+    pub failing: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Like [`spawn`], with the given [`Behavior`]. Failed requests answer 503 with
+/// `x-served-by` set, like any other answer.
+pub async fn spawn_with(name: &str, behavior: Behavior) -> HttpServer {
+    let Behavior {
+        delay,
+        fail_every,
+        failing,
+    } = behavior;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
+    let serving_failing = failing.clone();
     let token = stop.clone();
     let requests = Arc::new(AtomicU64::new(0));
     let counter = requests.clone();
@@ -158,13 +195,23 @@ pub async fn spawn_with_delay(name: &str, delay: Duration) -> HttpServer {
                 r = listener.accept() => match r { Ok(a) => a, Err(_) => continue },
             };
             let (name, counter, token) = (name.clone(), counter.clone(), token.clone());
+            let failing = serving_failing.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
-                    counter.fetch_add(1, Ordering::SeqCst);
+                    let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                    let fail =
+                        failing.load(Ordering::SeqCst) || (fail_every > 0 && n % fail_every == 0);
                     let name = name.clone();
                     async move {
                         if !delay.is_zero() {
                             tokio::time::sleep(delay).await;
+                        }
+                        if fail {
+                            let mut rsp = Response::new(full("injected failure"));
+                            *rsp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                            rsp.headers_mut()
+                                .insert("x-served-by", name.parse().unwrap());
+                            return Ok::<_, Infallible>(rsp);
                         }
                         Ok::<_, Infallible>(handle(name, req).await)
                     }
@@ -181,6 +228,7 @@ pub async fn spawn_with_delay(name: &str, delay: Duration) -> HttpServer {
     HttpServer {
         addr,
         requests,
+        failing,
         _stop: stop.drop_guard(),
     }
 }

@@ -220,6 +220,10 @@ pub struct Retry {
     pub attempts: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff: Option<String>,
+    /// Also retry methods that are not idempotent (POST, PATCH): the route vouches that its
+    /// backends tolerate a request arriving twice.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub non_idempotent: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

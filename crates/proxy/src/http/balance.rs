@@ -1,25 +1,39 @@
-//! Endpoint choice: power of two choices over peak-EWMA latency (the Finagle / Linkerd
-//! balancer). Each endpoint keeps a latency estimate that jumps up to any slower observation
-//! (peak) and otherwise decays toward recent ones (EWMA); its cost is the estimate times
-//! (requests in flight + 1). Two endpoints are drawn at random and the cheaper one wins, which
-//! keeps a slow or overloaded endpoint mostly idle without the herding of "always the best".
-//! Estimates also decay while an endpoint is not chosen, so a recovered one gets traffic back.
+//! Endpoint choice. By default, power of two choices over peak-EWMA latency (the Finagle /
+//! Linkerd balancer): each endpoint keeps a latency estimate that jumps up to any slower
+//! observation (peak) and otherwise decays toward recent ones (EWMA); its cost is the estimate
+//! times (requests in flight + 1). Two endpoints are drawn at random and the cheaper one wins,
+//! which keeps a slow or overloaded endpoint mostly idle without the herding of "always the
+//! best". Estimates also decay while an endpoint is not chosen, so a recovered one gets traffic
+//! back. `round-robin`, `least-request` (P2C on requests in flight) and `random` are selectable
+//! per destination.
+//!
+//! Only endpoints that [`outlier`](super::outlier) considers available are candidates, and with
+//! locality failover on, the caller's zone is preferred (see [`choose`]).
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use trellis_core::resources::LoadBalancer;
+
 use super::destinations::random_below;
+use super::outlier::Health;
 
 /// How fast old observations stop counting.
 const DECAY: Duration = Duration::from_secs(10);
 /// The estimate of an endpoint with no observations yet.
 const DEFAULT_RTT: Duration = Duration::from_millis(1);
+/// Envoy's overprovisioning factor: the local zone keeps all traffic while at least 1/1.4
+/// (~71%) of its endpoints are healthy, and spills the rest proportionally below that.
+const OVERPROVISIONING: f64 = 1.4;
 
+/// What the balancer knows about one endpoint; shared by every request to it and kept across
+/// endpoint-set updates.
 #[derive(Debug)]
 pub struct EndpointLoad {
     rtt: Mutex<Rtt>,
     pending: AtomicU32,
+    pub health: Health,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -36,6 +50,7 @@ impl Default for EndpointLoad {
                 at: Instant::now(),
             }),
             pending: AtomicU32::new(0),
+            health: Health::default(),
         }
     }
 }
@@ -50,7 +65,11 @@ impl EndpointLoad {
         let rtt = *self.rtt.lock().unwrap_or_else(|p| p.into_inner());
         let w = decay_weight(now.saturating_duration_since(rtt.at));
         let estimate = rtt.ns * w;
-        estimate * (f64::from(self.pending.load(Ordering::Relaxed)) + 1.0)
+        estimate * (f64::from(self.pending()) + 1.0)
+    }
+
+    pub fn pending(&self) -> u32 {
+        self.pending.load(Ordering::Relaxed)
     }
 
     fn observe(&self, rtt: Duration, now: Instant) {
@@ -71,6 +90,7 @@ impl EndpointLoad {
         InFlight {
             load: self.clone(),
             start: Instant::now(),
+            probe: false,
         }
     }
 }
@@ -80,36 +100,119 @@ impl EndpointLoad {
 pub struct InFlight {
     load: Arc<EndpointLoad>,
     start: Instant,
+    /// This request is the half-open probe of a previously ejected endpoint.
+    pub(super) probe: bool,
 }
 
 impl InFlight {
     /// Response headers arrived: the time so far is a latency observation.
-    pub fn complete(self) {
+    pub fn observe_latency(&self) {
         let now = Instant::now();
         self.load
             .observe(now.saturating_duration_since(self.start), now);
+    }
+
+    pub fn load(&self) -> &Arc<EndpointLoad> {
+        &self.load
+    }
+
+    /// A failure's latency counts too (a fast-failing endpoint must not look attractive), but
+    /// at least at the current estimate so errors never lower it.
+    pub fn observe_failure(&self) {
+        let now = Instant::now();
+        let current = self.load.rtt.lock().map(|r| r.ns).unwrap_or(0.0);
+        let elapsed = now.saturating_duration_since(self.start);
+        let penalty = Duration::from_nanos(current as u64).max(elapsed);
+        self.load.observe(penalty, now);
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.load.pending.fetch_sub(1, Ordering::Relaxed);
+        if self.probe {
+            // Ended without a verdict (cancelled): let another request probe.
+            self.load.health.probe_abandoned();
+        }
     }
 }
 
-/// Power of two choices: the cheaper of two distinct random endpoints.
-pub fn choose(loads: &[Arc<EndpointLoad>]) -> usize {
-    let n = loads.len();
-    if n <= 1 {
-        return 0;
+/// Per-destination balancer state that outlives endpoint-set updates.
+#[derive(Debug, Default)]
+pub struct BalancerState {
+    next: AtomicUsize,
+}
+
+/// The endpoints a choice may use.
+pub struct Candidates<'a> {
+    pub loads: &'a [Arc<EndpointLoad>],
+    /// Zone of each endpoint, index-aligned with `loads`.
+    pub zones: &'a [Arc<str>],
+    /// The caller's zone ("" when unknown: no preference).
+    pub local_zone: &'a str,
+    pub locality_failover: bool,
+}
+
+/// Picks an endpoint index among the available ones; `None` when every endpoint is ejected or
+/// unhealthy.
+pub fn choose(
+    algorithm: LoadBalancer,
+    state: &BalancerState,
+    c: &Candidates<'_>,
+    now: Instant,
+) -> Option<usize> {
+    let available: Vec<usize> = (0..c.loads.len())
+        .filter(|&i| c.loads[i].health.available(now))
+        .collect();
+    if available.is_empty() {
+        return None;
+    }
+    let pool = locality_pool(c, available);
+    let i = match algorithm {
+        LoadBalancer::P2cEwma => p2c(&pool, |i| c.loads[i].cost(now)),
+        LoadBalancer::LeastRequest => p2c(&pool, |i| f64::from(c.loads[i].pending())),
+        LoadBalancer::RoundRobin => pool[state.next.fetch_add(1, Ordering::Relaxed) % pool.len()],
+        LoadBalancer::Random => pool[random_below(pool.len() as u64) as usize],
+    };
+    Some(i)
+}
+
+/// With failover on and a known local zone: the local zone's available endpoints with
+/// probability min(1, 1.4 × its healthy share), else the other zones'.
+fn locality_pool(c: &Candidates<'_>, available: Vec<usize>) -> Vec<usize> {
+    if !c.locality_failover || c.local_zone.is_empty() {
+        return available;
+    }
+    let local_total = c.zones.iter().filter(|z| &***z == c.local_zone).count();
+    if local_total == 0 {
+        return available;
+    }
+    let (local, remote): (Vec<usize>, Vec<usize>) = available
+        .into_iter()
+        .partition(|&i| c.zones.get(i).is_some_and(|z| &**z == c.local_zone));
+    if remote.is_empty() {
+        return local;
+    }
+    if local.is_empty() {
+        return remote;
+    }
+    let share = (local.len() as f64 / local_total as f64 * OVERPROVISIONING).min(1.0);
+    let draw = random_below(1_000_000) as f64 / 1_000_000.0;
+    if draw < share { local } else { remote }
+}
+
+/// Power of two choices: the cheaper of two distinct random members of `pool`.
+fn p2c(pool: &[usize], cost: impl Fn(usize) -> f64) -> usize {
+    let n = pool.len();
+    if n == 1 {
+        return pool[0];
     }
     let a = random_below(n as u64) as usize;
     let b = (a + 1 + random_below(n as u64 - 1) as usize) % n;
-    let now = Instant::now();
-    if loads[b].cost(now) < loads[a].cost(now) {
-        b
+    if cost(pool[b]) < cost(pool[a]) {
+        pool[b]
     } else {
-        a
+        pool[a]
     }
 }
 
@@ -117,21 +220,42 @@ pub fn choose(loads: &[Arc<EndpointLoad>]) -> usize {
 mod tests {
     use super::*;
 
+    fn loads(n: usize) -> Vec<Arc<EndpointLoad>> {
+        (0..n).map(|_| Arc::default()).collect()
+    }
+
+    fn pick(alg: LoadBalancer, state: &BalancerState, loads: &[Arc<EndpointLoad>]) -> usize {
+        let zones: Vec<Arc<str>> = loads.iter().map(|_| Arc::from("")).collect();
+        choose(
+            alg,
+            state,
+            &Candidates {
+                loads,
+                zones: &zones,
+                local_zone: "",
+                locality_failover: true,
+            },
+            Instant::now(),
+        )
+        .expect("available")
+    }
+
     #[test]
     fn a_slow_endpoint_gets_little_traffic_and_recovers_when_idle() {
-        let loads: Vec<Arc<EndpointLoad>> = (0..3).map(|_| Arc::default()).collect();
+        let loads = loads(3);
         let start = Instant::now();
         // Endpoint 2 answers in 100 ms, the others in 1 ms.
         for (i, l) in loads.iter().enumerate() {
             let ms = if i == 2 { 100 } else { 1 };
             l.observe(Duration::from_millis(ms), start);
         }
+        let state = BalancerState::default();
         let mut picked = [0u32; 3];
         for _ in 0..3000 {
-            picked[choose(&loads)] += 1;
+            picked[pick(LoadBalancer::P2cEwma, &state, &loads)] += 1;
         }
-        // P2C: the slow one wins only when drawn against... never (it is always costlier),
-        // so it gets nothing while its estimate is high.
+        // P2C: the slow one is always the costlier of any pair, so it gets nothing while its
+        // estimate is high.
         assert_eq!(picked[2], 0, "{picked:?}");
         assert!(picked[0] > 1200 && picked[1] > 1200, "{picked:?}");
         // After a minute of not being chosen its estimate has decayed below the others'.
@@ -141,14 +265,31 @@ mod tests {
 
     #[test]
     fn in_flight_requests_make_an_endpoint_costlier() {
-        let (a, b): (Arc<EndpointLoad>, Arc<EndpointLoad>) = (Arc::default(), Arc::default());
+        let loads = loads(2);
         let now = Instant::now();
-        let held: Vec<InFlight> = (0..4).map(|_| a.start()).collect();
-        assert!(a.cost(now) > b.cost(now) * 4.0);
-        let loads = [a.clone(), b.clone()];
-        assert!((0..100).all(|_| choose(&loads) == 1));
+        let held: Vec<InFlight> = (0..4).map(|_| loads[0].start()).collect();
+        assert!(loads[0].cost(now) > loads[1].cost(now) * 4.0);
+        let state = BalancerState::default();
+        for alg in [LoadBalancer::P2cEwma, LoadBalancer::LeastRequest] {
+            assert!((0..100).all(|_| pick(alg, &state, &loads) == 1), "{alg:?}");
+        }
         drop(held);
-        assert_eq!(a.pending.load(Ordering::Relaxed), 0);
+        assert_eq!(loads[0].pending(), 0);
+    }
+
+    #[test]
+    fn round_robin_cycles_and_random_spreads() {
+        let loads = loads(3);
+        let state = BalancerState::default();
+        let order: Vec<usize> = (0..6)
+            .map(|_| pick(LoadBalancer::RoundRobin, &state, &loads))
+            .collect();
+        assert_eq!(order, vec![0, 1, 2, 0, 1, 2]);
+        let mut seen = [0u32; 3];
+        for _ in 0..3000 {
+            seen[pick(LoadBalancer::Random, &state, &loads)] += 1;
+        }
+        assert!(seen.iter().all(|&n| n > 800), "{seen:?}");
     }
 
     #[test]
@@ -161,5 +302,41 @@ mod tests {
         let after = l.cost(t0 + Duration::from_secs(10));
         // One decay period: weight e^-1 on the old 50 ms.
         assert!(after > 15e6 && after < 25e6, "{after}");
+    }
+
+    #[test]
+    fn local_zone_is_preferred_until_it_runs_low() {
+        let loads = loads(4);
+        let zones: Vec<Arc<str>> = ["a", "a", "a", "b"].iter().map(|z| Arc::from(*z)).collect();
+        let state = BalancerState::default();
+        let c = Candidates {
+            loads: &loads,
+            zones: &zones,
+            local_zone: "a",
+            locality_failover: true,
+        };
+        let now = Instant::now();
+        let remote = |c: &Candidates<'_>| {
+            (0..2000)
+                .filter(|_| choose(LoadBalancer::Random, &state, c, now) == Some(3))
+                .count()
+        };
+        assert_eq!(remote(&c), 0, "all local while the zone is healthy");
+        // Two of three local endpoints ejected: local share 1/3 × 1.4 ≈ 47%.
+        let policy = trellis_core::policy::OutlierDetection {
+            consecutive_failures: 1,
+            max_ejected_percent: 100,
+            ..Default::default()
+        };
+        for i in [0, 1] {
+            loads[i].health.eject_for_test(&policy, now);
+        }
+        let spilled = remote(&c) as f64 / 2000.0;
+        assert!((0.45..0.61).contains(&spilled), "{spilled}");
+        let off = Candidates {
+            locality_failover: false,
+            ..c
+        };
+        assert!(remote(&off) > 600, "without failover zones are ignored");
     }
 }

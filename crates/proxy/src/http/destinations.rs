@@ -14,11 +14,15 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use trellis_core::discovery::{DestinationDelta, DiscoveredEndpoint, RouteRule, RouteTable};
+use trellis_core::policy::DestinationPolicy;
 use trellis_core::resources::AppProtocol;
 use trellis_core::{Destination, Endpoint, Namespace, ProtocolHint, ServiceName};
 
 use crate::error::ProxyError;
-use crate::http::balance::{self, EndpointLoad, InFlight};
+use crate::http::balance::{self, BalancerState, Candidates, EndpointLoad, InFlight};
+use crate::http::outlier::{Outcome, Transition};
+use crate::layers::concurrency::Limiter;
+use crate::layers::retry::RetryBudget;
 use crate::metrics::Label;
 
 /// Most destinations one proxy tracks (a bound against an app calling random host names).
@@ -37,9 +41,15 @@ pub struct Snapshot {
     pub endpoints: Arc<[Endpoint]>,
     /// Load of each endpoint, index-aligned with `endpoints` (kept across updates by address).
     pub loads: Arc<[Arc<EndpointLoad>]>,
+    /// Zone of each endpoint, index-aligned with `endpoints` ("" when unknown).
+    pub zones: Arc<[Arc<str>]>,
     pub routes: RouteTable,
     /// Metric labels of `routes.rules`, index-aligned (built once per update, not per request).
     pub route_labels: Vec<Label>,
+    /// `routes.rules`, shared, so a request can carry its rule without copying it.
+    pub route_rules: Vec<Arc<RouteRule>>,
+    /// Load balancing, ejection, limits, budget and faults for calls to this service.
+    pub policy: Arc<DestinationPolicy>,
     /// Endpoint details by instance id (dynamic mode), for `/config` and patching.
     pub instances: BTreeMap<String, DiscoveredEndpoint>,
 }
@@ -53,16 +63,29 @@ pub struct DestinationState {
     updates: watch::Sender<u64>,
     /// Seconds since proxy start when last used.
     last_used: AtomicU64,
+    /// The calling proxy's zone (locality preference).
+    local_zone: Arc<str>,
+    balancer: BalancerState,
+    /// Admission limits (`limits` of the DestinationPolicy), kept across updates.
+    pub limiter: Limiter,
+    /// How many retries calls to this destination may still add.
+    pub retry_budget: RetryBudget,
 }
 
 impl DestinationState {
-    fn with_snapshot(name: ServiceName, snapshot: Snapshot) -> Self {
+    fn with_snapshot(name: ServiceName, snapshot: Snapshot, local_zone: Arc<str>) -> Self {
+        let limiter = Limiter::new(&snapshot.policy.limits);
+        let retry_budget = RetryBudget::new(&snapshot.policy.retry_budget);
         Self {
             label: Label::from(name.as_str()),
             name,
             snapshot: RwLock::new(Arc::new(snapshot)),
             updates: watch::Sender::new(0),
             last_used: AtomicU64::new(0),
+            local_zone,
+            balancer: BalancerState::default(),
+            limiter,
+            retry_budget,
         }
     }
 
@@ -76,9 +99,11 @@ impl DestinationState {
                 protocol: config.protocol,
                 timeout: config.timeout,
                 loads: config.endpoints.iter().map(|_| Arc::default()).collect(),
+                zones: config.endpoints.iter().map(|_| Arc::from("")).collect(),
                 endpoints: config.endpoints.into(),
                 ..Snapshot::default()
             },
+            Arc::from(""),
         )
     }
 
@@ -115,20 +140,60 @@ impl DestinationState {
         self.snapshot()
     }
 
-    /// An endpoint by power of two choices over peak-EWMA latency ([`balance`]), counted in
-    /// flight until the returned guard drops.
+    /// An available endpoint chosen by the destination's load balancer ([`balance`]), counted
+    /// in flight until the returned guard drops. Fails with `circuit-open` when every endpoint
+    /// is ejected or unhealthy.
     pub fn pick(&self) -> Result<(Endpoint, InFlight), ProxyError> {
         let snap = self.snapshot();
-        let (Some(_), true) = (
+        let (Some(_), true, true) = (
             snap.endpoints.first(),
             snap.loads.len() == snap.endpoints.len(),
+            snap.zones.len() == snap.endpoints.len(),
         ) else {
             return Err(ProxyError::NoEndpoints {
                 service: self.name.to_string(),
             });
         };
-        let i = balance::choose(&snap.loads);
-        Ok((snap.endpoints[i].clone(), snap.loads[i].start()))
+        let candidates = Candidates {
+            loads: &snap.loads,
+            zones: &snap.zones,
+            local_zone: &self.local_zone,
+            locality_failover: snap.policy.locality_failover,
+        };
+        let Some(i) = balance::choose(
+            snap.policy.load_balancer,
+            &self.balancer,
+            &candidates,
+            Instant::now(),
+        ) else {
+            return Err(ProxyError::CircuitOpen {
+                service: self.name.to_string(),
+            });
+        };
+        let mut in_flight = snap.loads[i].start();
+        in_flight.probe = snap.loads[i].health.begin();
+        Ok((snap.endpoints[i].clone(), in_flight))
+    }
+
+    /// Feeds a request's outcome to its endpoint's outlier detection.
+    pub fn record(&self, in_flight: &InFlight, outcome: Outcome) -> Transition {
+        let snap = self.snapshot();
+        let policy = &snap.policy.outlier;
+        let may_eject = match outcome {
+            Outcome::Success => true,
+            Outcome::Failure(_) => {
+                let ejected = snap
+                    .loads
+                    .iter()
+                    .filter(|l| l.health.counts_as_ejected())
+                    .count();
+                (ejected + 1) * 100 <= policy.max_ejected_percent as usize * snap.loads.len()
+            }
+        };
+        in_flight
+            .load()
+            .health
+            .record(outcome, policy, || may_eject, Instant::now())
     }
 
     /// Applies an update from the control plane.
@@ -168,6 +233,10 @@ impl DestinationState {
                     .map_or_else(Arc::default, |l| Arc::clone(l))
             })
             .collect();
+        let zones = instances
+            .values()
+            .map(|e| Arc::from(e.zone.as_str()))
+            .collect();
         let routes = match delta.routes {
             Some(r) => r,
             None if delta.reset => RouteTable::default(),
@@ -178,8 +247,23 @@ impl DestinationState {
             .iter()
             .map(|r| Label::from(r.name.as_str()))
             .collect();
+        let route_rules = routes.rules.iter().cloned().map(Arc::new).collect();
+        let policy = match delta.policy {
+            Some(p) => Arc::new(p),
+            None if delta.reset => Arc::default(),
+            None => old.policy.clone(),
+        };
+        if policy.limits != old.policy.limits {
+            self.limiter.reconfigure(&policy.limits);
+        }
+        if policy.retry_budget != old.policy.retry_budget {
+            self.retry_budget.reconfigure(&policy.retry_budget);
+        }
         self.replace(Snapshot {
             route_labels,
+            route_rules,
+            zones,
+            policy,
             known: true,
             exists: delta.exists,
             protocol: match delta.protocol {
@@ -195,6 +279,41 @@ impl DestinationState {
             routes,
             instances,
         });
+    }
+}
+
+impl DestinationState {
+    /// JSON view for `/config` and `trellis explain`: endpoints with their health, routes and
+    /// the policy in force.
+    pub fn describe(&self) -> serde_json::Value {
+        let s = self.snapshot();
+        let now = Instant::now();
+        let endpoints: Vec<serde_json::Value> = s
+            .endpoints
+            .iter()
+            .zip(s.loads.iter())
+            .zip(s.zones.iter())
+            .map(|((e, l), zone)| {
+                let health = l.health.view(now);
+                serde_json::json!({
+                    "address": e.address,
+                    "meshed": e.meshed,
+                    "zone": &**zone,
+                    "state": health.state,
+                    "health": health,
+                    "inFlight": l.pending(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "known": s.known,
+            "exists": s.exists,
+            "protocol": s.protocol,
+            "endpoints": endpoints,
+            "routes": s.routes,
+            "policy": &*s.policy,
+            "retryBudget": self.retry_budget.view(),
+        })
     }
 }
 
@@ -242,6 +361,7 @@ pub struct Destinations {
     /// Set in control-plane mode: where watch requests go.
     discovery: Option<mpsc::UnboundedSender<WatchRequest>>,
     started: Instant,
+    local_zone: Arc<str>,
 }
 
 impl Destinations {
@@ -269,7 +389,14 @@ impl Destinations {
             namespace,
             discovery,
             started: Instant::now(),
+            local_zone: Arc::from(""),
         }
+    }
+
+    /// Sets the zone this proxy runs in (before any destination is discovered).
+    pub fn with_local_zone(mut self, zone: &str) -> Self {
+        self.local_zone = Arc::from(zone);
+        self
     }
 
     pub fn is_dynamic(&self) -> bool {
@@ -299,6 +426,7 @@ impl Destinations {
                     let state = Arc::new(DestinationState::with_snapshot(
                         service.clone(),
                         Snapshot::default(),
+                        self.local_zone.clone(),
                     ));
                     map.insert(service.clone(), state.clone());
                     let _ = tx.send(WatchRequest::Watch(service));
@@ -375,17 +503,7 @@ impl Destinations {
         let map = self.by_name.read().unwrap_or_else(|p| p.into_inner());
         let mut out = serde_json::Map::new();
         for (name, state) in map.iter() {
-            let s = state.snapshot();
-            out.insert(
-                name.to_string(),
-                serde_json::json!({
-                    "known": s.known,
-                    "exists": s.exists,
-                    "protocol": s.protocol,
-                    "endpoints": s.endpoints.iter().map(|e| serde_json::json!({"address": e.address, "meshed": e.meshed, "state": "healthy"})).collect::<Vec<_>>(),
-                    "routes": s.routes,
-                }),
-            );
+            out.insert(name.to_string(), state.describe());
         }
         serde_json::Value::Object(out)
     }
@@ -553,6 +671,7 @@ mod tests {
             upserted: vec![ep("a", 1), ep("b", 2)],
             removed: vec![],
             routes: Some(RouteTable::default()),
+            policy: None,
         });
         assert_eq!(waiter.await.expect("join"), 2);
         d.apply(DestinationDelta {
@@ -563,6 +682,7 @@ mod tests {
             upserted: vec![ep("c", 3)],
             removed: vec!["a".into()],
             routes: None,
+            policy: None,
         });
         let snap = orders.snapshot();
         let ports: Vec<u16> = snap.endpoints.iter().map(|e| e.address.port()).collect();
@@ -599,10 +719,9 @@ mod tests {
 
     #[test]
     fn weighted_choice_follows_weights() {
-        let rule = RouteRule {
-            name: "split".into(),
-            matches: vec![],
-            backends: vec![
+        let rule = RouteRule::plain(
+            "split",
+            vec![
                 trellis_core::discovery::WeightedBackend {
                     service: ServiceName::new("v1").expect("n"),
                     weight: 80,
@@ -612,9 +731,7 @@ mod tests {
                     weight: 20,
                 },
             ],
-            request_timeout: None,
-            backend_timeout: None,
-        };
+        );
         let n = 20_000;
         let v2 = (0..n)
             .filter(|_| choose_backend(&rule).map(|s| s.as_str()) == Some("v2"))

@@ -7,6 +7,8 @@ pub mod destinations;
 pub mod headers;
 pub mod inbound;
 pub mod outbound;
+pub mod outlier;
+pub mod replay;
 pub mod stack;
 pub mod tunnel;
 

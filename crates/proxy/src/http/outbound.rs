@@ -16,22 +16,40 @@ use std::time::Duration;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Uri, Version};
 use tower::Service;
+use trellis_core::discovery::RouteRule;
 use trellis_core::{Endpoint, ProtocolHint, ServiceName};
 
 use crate::body::{self, Body};
-use crate::error::ProxyError;
+use crate::error::{Fault, ProxyError};
+use crate::http::balance::InFlight;
 use crate::http::client::{self, Clients};
 use crate::http::destinations::{DestinationState, Target};
 use crate::http::headers::{self, ORIG_PROTO, ORIG_PROTO_HTTP1};
+use crate::http::outlier::{Outcome, Transition};
 use crate::http::tunnel::{self, TunnelCtx};
 use crate::http::{Direction, RequestMeta};
 use crate::layers::{HttpRequest, HttpResponse};
-use crate::metrics::Label;
+use crate::metrics::{EjectionLabels, EndpointLabels, Label, Metrics};
 use crate::tcp::{BoxedIo, TcpFlow};
 
 /// Extension: the backend service a route chose (absent: the destination itself).
 #[derive(Debug, Clone)]
 pub struct Backend(pub Arc<DestinationState>);
+
+/// Extension: the route rule that matched (retry, per-try timeout, filters).
+#[derive(Debug, Clone)]
+pub struct SelectedRoute(pub Arc<RouteRule>);
+
+/// The service a request will be sent to: the route's backend, else the destination.
+pub fn backend_of(req: &HttpRequest) -> Option<Arc<DestinationState>> {
+    if let Some(b) = req.extensions().get::<Backend>() {
+        return Some(b.0.clone());
+    }
+    match req.extensions().get::<Target>() {
+        Some(Target::Known(d)) => Some(d.clone()),
+        _ => None,
+    }
+}
 
 /// How long a request waits for the first answer about a newly discovered service.
 pub const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -41,11 +59,64 @@ pub const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Forward {
     clients: Clients,
     tunnels: TunnelCtx,
+    metrics: Metrics,
 }
 
 impl Forward {
-    pub fn new(clients: Clients, tunnels: TunnelCtx) -> Self {
-        Self { clients, tunnels }
+    pub fn new(clients: Clients, tunnels: TunnelCtx, metrics: Metrics) -> Self {
+        Self {
+            clients,
+            tunnels,
+            metrics,
+        }
+    }
+
+    /// Feeds an outcome to outlier detection and reports ejections.
+    fn record(
+        &self,
+        backend: &DestinationState,
+        endpoint: &Endpoint,
+        in_flight: &InFlight,
+        outcome: Outcome,
+    ) {
+        let transition = backend.record(in_flight, outcome);
+        let reason = match outcome {
+            Outcome::Failure(r) => r,
+            Outcome::Success => "",
+        };
+        let gauge = || {
+            self.metrics.circuit_open.get_or_create(&EndpointLabels {
+                dst: backend.label.clone(),
+                endpoint: Label::from(endpoint.address.to_string()),
+            })
+        };
+        match transition {
+            Transition::None => {}
+            Transition::Ejected { duration } => {
+                tracing::warn!(dst = %backend.name, endpoint = %endpoint.address, reason, ejected_for = ?duration, "endpoint ejected");
+                self.metrics
+                    .ejections
+                    .get_or_create(&EjectionLabels {
+                        dst: backend.label.clone(),
+                        reason,
+                    })
+                    .inc();
+                gauge().set(1);
+            }
+            Transition::EjectionRefused => {
+                self.metrics
+                    .ejections
+                    .get_or_create(&EjectionLabels {
+                        dst: backend.label.clone(),
+                        reason: "refused-max-percent",
+                    })
+                    .inc();
+            }
+            Transition::Recovered => {
+                tracing::info!(dst = %backend.name, endpoint = %endpoint.address, "endpoint recovered (half-open probe succeeded)");
+                gauge().set(0);
+            }
+        }
     }
 }
 
@@ -83,10 +154,20 @@ impl Forward {
         }
         let (endpoint, in_flight) = backend.pick()?;
         let meta = req.extensions().get::<RequestMeta>().cloned();
+        let per_try = req
+            .extensions_mut()
+            .remove::<SelectedRoute>()
+            .and_then(|r| r.0.backend_timeout);
 
         if req.method() == Method::CONNECT {
             let authority = req.uri().to_string();
-            let upstream = open_tcp(&self.clients, &endpoint, &backend.name, &authority).await?;
+            let upstream = open_tcp(&self.clients, &endpoint, &backend.name, &authority).await;
+            let outcome = match &upstream {
+                Ok(_) => Outcome::Success,
+                Err(e) => Outcome::Failure(e.reason()),
+            };
+            self.record(&backend, &endpoint, &in_flight, outcome);
+            let upstream = upstream?;
             let flow = tcp_flow(meta.as_ref(), &dest);
             return Ok(tunnel::accept_connect(
                 &mut req,
@@ -107,7 +188,13 @@ impl Forward {
             let rsp = self
                 .clients
                 .send_http1_upgrade(endpoint.address, peer, req)
-                .await?;
+                .await;
+            let outcome = match &rsp {
+                Ok(_) => Outcome::Success,
+                Err(e) => Outcome::Failure(e.reason()),
+            };
+            self.record(&backend, &endpoint, &in_flight, outcome);
+            let rsp = rsp?;
             let flow = tcp_flow(meta.as_ref(), &dest);
             return Ok(tunnel::relay_upgrade(
                 client_upgrade,
@@ -119,19 +206,41 @@ impl Forward {
 
         let wants_h2 = req.version() == Version::HTTP_2
             || matches!(snapshot.protocol, ProtocolHint::Http2 | ProtocolHint::Grpc);
-        let mut rsp = if endpoint.meshed {
-            prepare_for_mesh(&mut req)?;
-            let peer = endpoint.namespace.as_ref().map(|ns| (ns, &backend.name));
-            self.clients.h2.send(endpoint.address, peer, req).await?
-        } else if wants_h2 {
-            prepare_absolute_h2(&mut req)?;
-            self.clients.h2.send(endpoint.address, None, req).await?
-        } else {
-            headers::strip_hop_by_hop(req.headers_mut());
-            self.clients.send_http1(endpoint.address, req).await?
+        let send = async {
+            if endpoint.meshed {
+                prepare_for_mesh(&mut req)?;
+                let peer = endpoint.namespace.as_ref().map(|ns| (ns, &backend.name));
+                self.clients.h2.send(endpoint.address, peer, req).await
+            } else if wants_h2 {
+                prepare_absolute_h2(&mut req)?;
+                self.clients.h2.send(endpoint.address, None, req).await
+            } else {
+                headers::strip_hop_by_hop(req.headers_mut());
+                self.clients.send_http1(endpoint.address, req).await
+            }
         };
-        // Response headers: a latency observation for the balancer.
-        in_flight.complete();
+        let result = match per_try {
+            Some(limit) => tokio::time::timeout(limit, send)
+                .await
+                .unwrap_or(Err(ProxyError::Timeout(limit))),
+            None => send.await,
+        };
+        let outcome = match &result {
+            Ok(rsp) if rsp.status().is_server_error() => Some(Outcome::Failure("5xx")),
+            Ok(_) => Some(Outcome::Success),
+            Err(e) if e.fault() == Fault::Upstream => Some(Outcome::Failure(e.reason())),
+            // The request itself was bad: says nothing about the endpoint.
+            Err(_) => None,
+        };
+        // Response headers (or the failure): a latency observation for the balancer.
+        if let Some(outcome) = outcome {
+            match outcome {
+                Outcome::Success => in_flight.observe_latency(),
+                Outcome::Failure(_) => in_flight.observe_failure(),
+            }
+            self.record(&backend, &endpoint, &in_flight, outcome);
+        }
+        let mut rsp = result?;
         headers::strip_hop_by_hop(rsp.headers_mut());
         Ok(rsp.map(body::boxed))
     }

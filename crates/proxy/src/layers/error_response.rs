@@ -138,6 +138,10 @@ pub fn error_response(err: &ProxyError, grpc: bool) -> HttpResponse {
         rsp
     };
     rsp.headers_mut().insert(ERROR_HEADER, reason);
+    if let Some(secs) = err.retry_after() {
+        rsp.headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+    }
     rsp
 }
 
