@@ -58,6 +58,22 @@ enum Command {
     /// Checks the mesh's trust: CA and bundle expiry, rotation, each connected proxy's
     /// certificate, clock skew. Exit 1 if any check fails.
     Check,
+    /// Explains a call from SRC to DST: the route that matches, its backends and weights,
+    /// timeouts and retries, each endpoint's state, and the authorization decision. Asks a
+    /// proxy of SRC when one can be reached (the code that serves requests decides).
+    Explain {
+        src: String,
+        dst: String,
+        #[arg(default_value = "GET")]
+        method: String,
+        #[arg(default_value = "/")]
+        path: String,
+        /// Request header NAME:VALUE (repeatable).
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: resources::Output,
+    },
     /// The mesh CA: root rotation and status.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -224,6 +240,24 @@ fn main() -> ExitCode {
         Command::Token(cmd) => rt.block_on(resources::token(&api(), cmd)),
         Command::Ca(cmd) => rt.block_on(resources::ca(&api(), cmd)),
         Command::Check => rt.block_on(resources::check(&api())),
+        Command::Explain {
+            src,
+            dst,
+            method,
+            path,
+            headers,
+            output,
+        } => rt.block_on(resources::explain(
+            &api(),
+            &resources::ExplainArgs {
+                src,
+                dst,
+                method,
+                path,
+                headers,
+            },
+            *output,
+        )),
     };
     match result {
         Ok(code) => code,

@@ -441,6 +441,148 @@ pub(crate) async fn ca(api: &ApiClient, cmd: &crate::CaCommand) -> Result<ExitCo
     Ok(ExitCode::SUCCESS)
 }
 
+pub(crate) struct ExplainArgs<'a> {
+    pub src: &'a str,
+    pub dst: &'a str,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub headers: &'a [String],
+}
+
+pub(crate) async fn explain(
+    api: &ApiClient,
+    args: &ExplainArgs<'_>,
+    output: Output,
+) -> Result<ExitCode, ClientError> {
+    use trellis_core::explain::encode;
+    let mut query = format!(
+        "/api/v1/explain?src={}&dst={}&method={}&path={}",
+        encode(args.src),
+        encode(args.dst),
+        encode(args.method),
+        encode(args.path)
+    );
+    for h in args.headers {
+        query.push_str(&format!("&header={}", encode(h)));
+    }
+    let (status, body) = api.call(Method::GET, &query, None).await?;
+    if status != 200 {
+        print_errors(&body);
+        return Ok(ExitCode::from(1));
+    }
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&body).unwrap_or_default()
+        ),
+        Output::Yaml => println!("{}", serde_saphyr::to_string(&body).unwrap_or_default()),
+        Output::Table => print_explanation(&body),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_explanation(v: &Value) {
+    let s = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+    println!(
+        "{} -> {}: {} {}",
+        s(&v["source"]),
+        s(&v["destination"]),
+        s(&v["request"]["method"]),
+        s(&v["request"]["path"])
+    );
+    println!("answered by: {}", s(&v["answeredBy"]));
+    if let Some(e) = v["error"].as_str() {
+        println!("error: {e}");
+        return;
+    }
+    let route = &v["route"];
+    if route.is_null() {
+        println!(
+            "route: none matches; calls go to {} itself",
+            s(&v["destination"])
+        );
+    } else {
+        println!("route: {}", s(&route["name"]));
+        let ms = |x: &Value| {
+            x.as_object().map(|d| {
+                let secs = d.get("secs").and_then(Value::as_u64).unwrap_or(0);
+                let nanos = d.get("nanos").and_then(Value::as_u64).unwrap_or(0);
+                format!("{}ms", secs * 1000 + nanos / 1_000_000)
+            })
+        };
+        println!(
+            "  timeouts: request {}, per try {}",
+            ms(&route["request_timeout"]).unwrap_or_else(|| "none".into()),
+            ms(&route["backend_timeout"]).unwrap_or_else(|| "none".into())
+        );
+        match route["retry"].as_object() {
+            Some(r) => println!(
+                "  retry: codes {}, attempts {}, backoff {}{}",
+                r.get("codes").map_or_else(String::new, |c| c.to_string()),
+                r.get("attempts")
+                    .map_or_else(String::new, |a| a.to_string()),
+                r.get("backoff")
+                    .map_or_else(|| "?".into(), |b| ms(b).unwrap_or_default()),
+                if r.get("nonIdempotent").and_then(Value::as_bool) == Some(true) {
+                    ", all methods"
+                } else {
+                    ", idempotent methods"
+                }
+            ),
+            None => println!("  retry: connection failures only (once, any method)"),
+        }
+        if !route["mirror"].is_null() {
+            println!(
+                "  mirror: {} ({}%)",
+                s(&route["mirror"]["service"]),
+                route["mirror"]["percent"]
+            );
+        }
+    }
+    if !v["faults"].is_null() {
+        println!("faults: {}", v["faults"]);
+    }
+    for b in v["backends"].as_array().into_iter().flatten() {
+        println!(
+            "backend {} weight {} ({:.1}%) lb {} ejection after {} failures",
+            s(&b["service"]),
+            b["weight"],
+            b["sharePercent"].as_f64().unwrap_or(0.0),
+            s(&b["policy"]["loadBalancer"]),
+            b["policy"]["outlier"]["consecutiveFailures"]
+        );
+        for e in b["endpoints"].as_array().into_iter().flatten() {
+            let reason = e["health"]["reason"]
+                .as_str()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default();
+            println!(
+                "  {:<22} zone {:<8} {}{}",
+                s(&e["address"]),
+                e["zone"].as_str().filter(|z| !z.is_empty()).unwrap_or("-"),
+                s(&e["state"]),
+                reason
+            );
+        }
+    }
+    for d in v["authorization"].as_array().into_iter().flatten() {
+        println!(
+            "authorization at {}: {} ({}){}",
+            s(&d["service"]),
+            if d["allowed"].as_bool() == Some(true) {
+                "ALLOW"
+            } else {
+                "DENY"
+            },
+            s(&d["reason"]),
+            d["note"]
+                .as_str()
+                .map(|n| format!("; {n}"))
+                .unwrap_or_default()
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

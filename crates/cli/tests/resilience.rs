@@ -568,3 +568,137 @@ async fn rate_and_concurrency_limits_refuse_fast() {
         .count();
     assert_eq!((served, overloaded), (2, 8), "{results:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_health_checks_take_an_instance_out_before_traffic_fails() {
+    let (_running, cp) = control("resil-health", |_| {}).await;
+    let (sick, _pa) = instance("backend", "sick", Behavior::default(), &cp, &[]).await;
+    let (_well, _pb) = instance("backend", "well", Behavior::default(), &cp, &[]).await;
+    apply(
+        &cp,
+        "apiVersion: trellis.dev/v1alpha1\nkind: DestinationPolicy\nmetadata: {name: backend}\nspec:\n  targetRef: {name: backend}\n  healthCheck: {path: /healthz, interval: 100ms, unhealthyThreshold: 2}\n",
+    )
+    .await;
+    let (client, up) = caller(&cp, "backend", &[]).await;
+    wait_endpoints(&client, "backend", 2).await;
+    let states = |c: serde_json::Value| -> Vec<String> {
+        c["destinations"]["backend"]["endpoints"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|e| e["state"].as_str().unwrap_or("").to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    sick.failing_handle().store(true, Ordering::SeqCst);
+    let client_ref = &client;
+    eventually(
+        "the failing instance is marked unhealthy",
+        Duration::from_secs(10),
+        || async move {
+            let s = states(config_of(client_ref).await);
+            (s.iter().filter(|s| *s == "unhealthy").count() == 1).then_some(())
+        },
+    )
+    .await;
+    // No request has to fail for the checks to act: every one goes to the healthy instance.
+    let mut c = Client::connect(up).await;
+    for _ in 0..100 {
+        let a = c.call("backend", "/", &[]).await;
+        assert_eq!((a.status, a.served_by.as_str()), (200, "well"));
+    }
+    sick.failing_handle().store(false, Ordering::SeqCst);
+    eventually(
+        "the instance is back after a passing check",
+        Duration::from_secs(10),
+        || async move {
+            let s = states(config_of(client_ref).await);
+            s.iter().all(|s| s == "healthy").then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_shows_what_the_callers_proxy_would_do() {
+    let (_running, cp) = control("resil-explain", |_| {}).await;
+    let (_v1, _p1) = instance("web-v1", "v1", Behavior::default(), &cp, &[]).await;
+    let (_v2, _p2) = instance("web-v2", "v2", Behavior::default(), &cp, &[]).await;
+    apply(
+        &cp,
+        "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 80}]}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web}\nspec:\n  parentRefs: [{name: web}]\n  rules:\n    - name: canary\n      matches: [{headers: [{name: x-canary, value: \"yes\"}]}]\n      backendRefs: [{name: web-v2}]\n      retry: {codes: [503], attempts: 2}\n      timeouts: {request: 2s}\n    - backendRefs: [{name: web-v1, weight: 90}, {name: web-v2, weight: 10}]\n---\napiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-client-on-v2}\nspec:\n  targetRef: {name: web-v2}\n  action: DENY\n  rules: [{from: [{services: [client]}]}]\n",
+    )
+    .await;
+    let (_client, _up) = caller(&cp, "web", &[]).await;
+    let explain = |q: &'static str| {
+        let cp = cp.clone();
+        async move {
+            let (status, body) = http_call(cp.http, "GET", q, "", None).await;
+            assert_eq!(status, 200, "{body}");
+            serde_json::from_str::<serde_json::Value>(&body).unwrap()
+        }
+    };
+    let v = eventually(
+        "the caller's proxy answers",
+        Duration::from_secs(10),
+        || async {
+            let v = explain("/api/v1/explain?src=client&dst=web&path=/x&header=x-canary:yes").await;
+            let healthy = v["backends"][0]["endpoints"][0]["state"] == "healthy";
+            (v["answeredBy"].as_str().unwrap_or("").starts_with("proxy") && healthy).then_some(v)
+        },
+    )
+    .await;
+    assert_eq!(v["route"]["name"], "web.canary", "{v}");
+    assert_eq!(v["route"]["retry"]["attempts"], 2);
+    assert_eq!(v["backends"].as_array().unwrap().len(), 1);
+    assert_eq!(v["backends"][0]["service"], "web-v2");
+    assert_eq!(v["authorization"][0]["allowed"], false);
+    assert_eq!(v["authorization"][0]["reason"], "default/no-client-on-v2");
+
+    let v = explain("/api/v1/explain?src=client&dst=web&path=/x").await;
+    let shares: Vec<(String, f64)> = v["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["service"].as_str().unwrap().to_owned(),
+                b["sharePercent"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shares,
+        vec![("web-v1".into(), 90.0), ("web-v2".into(), 10.0)]
+    );
+    assert_eq!(v["authorization"][0]["allowed"], true);
+
+    // The CLI prints the same decision.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(["--control-http", &format!("http://{}", cp.http)])
+        .args([
+            "explain",
+            "client",
+            "web",
+            "GET",
+            "/x",
+            "-H",
+            "x-canary: yes",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("route: web.canary"), "{text}");
+    assert!(text.contains("retry: codes [503], attempts 2"), "{text}");
+    assert!(
+        text.contains("authorization at web-v2: DENY (default/no-client-on-v2)"),
+        "{text}"
+    );
+    eprintln!("{text}");
+}

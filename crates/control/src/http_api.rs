@@ -28,6 +28,7 @@ pub struct ApiState {
     pub tokens: Arc<Tokens>,
     pub ca: Arc<Ca>,
     pub ca_ops: Arc<crate::rotation::CaOps>,
+    pub trust_domain: String,
 }
 
 type Shared = Arc<ApiState>;
@@ -51,6 +52,7 @@ pub fn router(state: Shared) -> Router {
         .route("/api/v1/ca/bundle", get(trust_bundle))
         .route("/api/v1/ca/rotation", get(rotation_status).post(rotate))
         .route("/api/v1/check", get(check))
+        .route("/api/v1/explain", get(explain))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_admin,
@@ -450,6 +452,185 @@ async fn services(State(st): State<Shared>) -> Response {
         .map(|(name, endpoints)| json!({ "name": name, "instances": endpoints }))
         .collect();
     axum::Json(json!({ "items": items })).into_response()
+}
+
+/// Registration label with a proxy's admin address (set by `trellis-proxy`).
+const ADMIN_LABEL: &str = "trellis.dev/admin";
+
+/// `GET /api/v1/explain?src=&dst=&method=&path=&header=`: what a call from SRC to DST does.
+/// The route, backends, policy and endpoint health come from a proxy of SRC when one can be
+/// asked (its `/explain`, the code that serves requests); otherwise from the control plane's
+/// own view with the same core route selection. The authorization decision of each backend
+/// is the core `authorize` over the policies that backend's proxies enforce.
+async fn explain(
+    State(st): State<Shared>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Response {
+    use trellis_core::explain::ExplainQuery;
+    use trellis_core::names::{Namespace, ServiceName};
+    let q = match ExplainQuery::parse(query.as_deref()) {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let (Some(src), Ok(dst)) = (q.source.clone(), ServiceName::new(q.destination.as_str())) else {
+        return error(StatusCode::BAD_REQUEST, "src and a valid dst are required");
+    };
+    let registry = st.hub.snapshot();
+    let src_instances = ServiceName::new(src.as_str())
+        .ok()
+        .and_then(|s| registry.get(&s).cloned())
+        .unwrap_or_default();
+    let mut view = None;
+    let mut asked = String::new();
+    for inst in src_instances.iter().take(3) {
+        let Some(admin) = inst
+            .labels
+            .get(ADMIN_LABEL)
+            .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+        else {
+            continue;
+        };
+        if let Some(v) = ask_proxy(admin, &q.to_proxy_query()).await {
+            view = Some(v);
+            asked = format!("proxy {} of {src}", inst.instance_id);
+            break;
+        }
+    }
+    let mut view = match view {
+        Some(v) => v,
+        None => {
+            asked = format!(
+                "control plane (no proxy of {src} could be asked; endpoint health unknown)"
+            );
+            control_plane_view(&st, &q, &dst)
+        }
+    };
+    let caller_ns = src_instances
+        .first()
+        .map(|i| i.namespace.clone())
+        .unwrap_or_default();
+    let caller = ServiceName::new(src.as_str())
+        .ok()
+        .map(|s| trellis_core::identity::SpiffeId::new(&st.trust_domain, caller_ns, s));
+    let mut decisions = Vec::new();
+    let backends: Vec<String> = view["backends"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|b| b["service"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    for name in backends {
+        let Ok(service) = ServiceName::new(name.as_str()) else {
+            continue;
+        };
+        let namespace = registry
+            .get(&service)
+            .and_then(|eps| eps.first().map(|e| e.namespace.clone()))
+            .unwrap_or_else(Namespace::default);
+        let (policies, default, routes) = st.hub.authorization_view(&namespace, &service);
+        let route = q.select(&routes).map(|r| r.name.clone());
+        let decision = trellis_core::authz::authorize(
+            &policies,
+            default,
+            &trellis_core::authz::AuthzRequest {
+                caller: caller.as_ref(),
+                method: Some(q.method.as_str()),
+                path: Some(q.path_only()),
+                port: 0,
+                route: route.as_deref(),
+            },
+        );
+        let port_rules = policies.iter().any(|p| {
+            p.rules
+                .iter()
+                .any(|r| r.to.iter().any(|t| !t.ports.is_empty()))
+        });
+        decisions.push(json!({
+            "service": name,
+            "caller": caller.as_ref().map(|c| c.to_string()),
+            "allowed": decision.allowed(),
+            "reason": decision.reason,
+            "audited": decision.audited,
+            "note": port_rules.then_some("policies with port conditions depend on the app port; the destination proxy decides those"),
+        }));
+    }
+    if let Some(obj) = view.as_object_mut() {
+        obj.insert("source".into(), src.into());
+        obj.insert("answeredBy".into(), asked.into());
+        obj.insert("authorization".into(), decisions.into());
+    }
+    axum::Json(view).into_response()
+}
+
+/// The route, backends and registered endpoints from the control plane's own state.
+fn control_plane_view(
+    st: &ApiState,
+    q: &trellis_core::explain::ExplainQuery,
+    dst: &trellis_core::names::ServiceName,
+) -> serde_json::Value {
+    let Some((routes, policy, _)) = st.hub.destination_view(dst) else {
+        return json!({"destination": dst.as_str(), "error": format!("no service is known for {:?}", dst.as_str())});
+    };
+    let rule = q.select(&routes).cloned();
+    let weights: Vec<(String, u32)> = match &rule {
+        Some(r) if !r.backends.is_empty() => r
+            .backends
+            .iter()
+            .map(|b| (b.service.to_string(), b.weight))
+            .collect(),
+        _ => vec![(dst.to_string(), 1)],
+    };
+    let total: u32 = weights.iter().map(|(_, w)| w).sum();
+    let backends: Vec<serde_json::Value> = weights
+        .into_iter()
+        .map(|(name, weight)| {
+            let found = trellis_core::names::ServiceName::new(name.as_str())
+                .ok()
+                .and_then(|s| st.hub.destination_view(&s));
+            let (policy, endpoints) = match found {
+                Some((_, p, eps)) => (json!(p), eps),
+                None => (serde_json::Value::Null, Vec::new()),
+            };
+            json!({
+                "service": name,
+                "weight": weight,
+                "sharePercent": if total == 0 { 0.0 } else { f64::from(weight) * 100.0 / f64::from(total) },
+                "policy": policy,
+                "endpoints": endpoints.iter().map(|e| json!({"address": e.address, "zone": e.zone, "instance": e.instance_id, "state": "unknown"})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({
+        "destination": dst.as_str(),
+        "request": {"method": q.method, "path": q.path, "headers": q.headers},
+        "route": rule,
+        "faults": policy.fault,
+        "backends": backends,
+    })
+}
+
+/// `GET /explain` on a proxy's admin port (HTTP/1.0, short timeout); `None` if unreachable.
+async fn ask_proxy(admin: std::net::SocketAddr, query: &str) -> Option<serde_json::Value> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(admin).await.ok()?;
+        let head = format!("GET /explain?{query} HTTP/1.0\r\nHost: {admin}\r\n\r\n");
+        s.write_all(head.as_bytes()).await.ok()?;
+        let mut out = Vec::new();
+        s.take(4 << 20).read_to_end(&mut out).await.ok()?;
+        let text = String::from_utf8_lossy(&out);
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+            return None;
+        }
+        serde_json::from_str(body).ok()
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(5), exchange)
+        .await
+        .ok()
+        .flatten()
 }
 
 async fn openapi() -> Response {

@@ -638,6 +638,45 @@ impl Hub {
             .collect()
     }
 
+    /// What `trellis explain` needs about a destination when no proxy of the caller can be
+    /// asked: its routes, the policy for calls to it, and its live instances.
+    pub fn destination_view(
+        &self,
+        service: &ServiceName,
+    ) -> Option<(RouteTable, DestinationPolicy, Vec<DiscoveredEndpoint>)> {
+        let st = self.lock();
+        let v = st.services.get(service).filter(|v| v.exists())?;
+        Some((
+            v.routes.clone(),
+            v.policy.clone(),
+            v.endpoints.values().cloned().collect(),
+        ))
+    }
+
+    /// What a proxy of `service` authorizes with: its policies, the mesh default, its routes.
+    pub fn authorization_view(
+        &self,
+        namespace: &Namespace,
+        service: &ServiceName,
+    ) -> (
+        Vec<InboundPolicy>,
+        trellis_core::resources::DefaultPolicy,
+        RouteTable,
+    ) {
+        let st = self.lock();
+        (
+            st.policies
+                .get(&(namespace.clone(), service.clone()))
+                .cloned()
+                .unwrap_or_default(),
+            st.mesh_config.default_policy,
+            st.services
+                .get(service)
+                .map(|v| v.routes.clone())
+                .unwrap_or_default(),
+        )
+    }
+
     pub fn sessions(&self) -> usize {
         self.lock().sessions.len()
     }

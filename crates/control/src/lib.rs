@@ -311,6 +311,7 @@ pub async fn start(config: ControlConfig) -> Result<Running, StartError> {
         tokens: tokens.clone(),
         ca: ca.clone(),
         ca_ops,
+        trust_domain: config.trust_domain.clone(),
     }));
     let stop = shutdown.clone();
     tokio::spawn(async move {

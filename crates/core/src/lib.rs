@@ -6,6 +6,7 @@
 pub mod authz;
 pub mod discovery;
 pub mod duration;
+pub mod explain;
 pub mod identity;
 pub mod names;
 pub mod policy;

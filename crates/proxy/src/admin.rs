@@ -35,6 +35,8 @@ pub struct AdminState {
     /// Builds the `/config` document on demand (it includes live discovery state).
     pub config: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
     pub log_level: Arc<dyn LogLevel>,
+    /// For `/explain`.
+    pub destinations: Arc<crate::http::destinations::Destinations>,
 }
 
 /// Handle to the admin server's connections, to let them finish their responses at exit.
@@ -153,6 +155,23 @@ async fn route(req: Request<Incoming>, client: SocketAddr, state: &AdminState) -
             );
             rsp
         }
+        (&Method::GET, "/explain") => {
+            match crate::explain::ExplainQuery::parse(req.uri().query()) {
+                Ok(q) => {
+                    let view = crate::explain::explain(&state.destinations, &q).await;
+                    let mut rsp = text(
+                        StatusCode::OK,
+                        serde_json::to_vec_pretty(&view).unwrap_or_default(),
+                    );
+                    rsp.headers_mut().insert(
+                        CONTENT_TYPE,
+                        http::HeaderValue::from_static("application/json"),
+                    );
+                    rsp
+                }
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            }
+        }
         (&Method::GET, "/log-level") => {
             text(StatusCode::OK, format!("{}\n", state.log_level.get()))
         }
@@ -187,9 +206,10 @@ async fn route(req: Request<Incoming>, client: SocketAddr, state: &AdminState) -
             state.drain.request();
             text(StatusCode::ACCEPTED, "draining\n")
         }
-        (_, "/live" | "/ready" | "/metrics" | "/config" | "/log-level" | "/shutdown") => {
-            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
-        }
+        (
+            _,
+            "/live" | "/ready" | "/metrics" | "/config" | "/explain" | "/log-level" | "/shutdown",
+        ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         _ => text(
             StatusCode::NOT_FOUND,
             "not found; try /live /ready /metrics /config /log-level /shutdown\n",

@@ -92,6 +92,9 @@ async fn bind(what: impl Into<String>, addr: SocketAddr) -> Result<TcpListener, 
 
 /// Binds all listeners and starts serving on the current (data-path) runtime; the admin server
 /// gets its own thread and runtime.
+/// Registration label carrying this proxy's admin address.
+pub const ADMIN_LABEL: &str = "trellis.dev/admin";
+
 pub async fn start(
     config: ProxyConfig,
     log_level: Arc<dyn LogLevel>,
@@ -254,6 +257,7 @@ pub async fn start(
             drain: drain.clone(),
             config: describe,
             log_level,
+            destinations: destinations.clone(),
         },
     )
     .map_err(|source| BindError {
@@ -280,7 +284,13 @@ pub async fn start(
                 instance_id: config.instance.clone(),
                 address: advertise,
                 zone: config.zone.clone().unwrap_or_default(),
-                labels: config.labels.clone(),
+                labels: {
+                    // Where `trellis explain` can ask this proxy (reachable from the control
+                    // plane only when they share a host, as in `trellis up`).
+                    let mut labels = config.labels.clone();
+                    labels.insert(ADMIN_LABEL.into(), bound.admin.to_string());
+                    labels
+                },
             },
             destinations: destinations.clone(),
             watch_requests: watch_rx,
@@ -308,6 +318,11 @@ pub async fn start(
         drop(watch_rx);
     }
 
+    tokio::spawn(crate::http::health_check::run(
+        destinations.clone(),
+        ctx.clients.clone(),
+        metrics.clone(),
+    ));
     tokio::spawn(server::serve(outbound, ListenerKind::Outbound, ctx.clone()));
     tokio::spawn(server::serve(inbound, ListenerKind::Inbound, ctx.clone()));
     for (listener, dest) in upstream_listeners {

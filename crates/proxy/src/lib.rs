@@ -15,6 +15,7 @@ pub mod control;
 pub mod detect;
 pub mod drain;
 pub mod error;
+pub mod explain;
 pub mod head;
 pub mod http;
 pub mod identity;

@@ -471,6 +471,12 @@ impl Destinations {
         }
     }
 
+    /// Every destination currently tracked.
+    pub fn all(&self) -> Vec<Arc<DestinationState>> {
+        let map = self.by_name.read().unwrap_or_else(|p| p.into_inner());
+        map.values().cloned().collect()
+    }
+
     /// Names currently tracked (to resume watches after a reconnect).
     pub fn names(&self) -> Vec<ServiceName> {
         let map = self.by_name.read().unwrap_or_else(|p| p.into_inner());

@@ -5,6 +5,7 @@ pub mod balance;
 pub mod client;
 pub mod destinations;
 pub mod headers;
+pub mod health_check;
 pub mod inbound;
 pub mod outbound;
 pub mod outlier;
