@@ -92,7 +92,8 @@ def trellis_ready_state(cfg, n):
     rules = _get(dest, "routes", "rules") or []
     if not rules or not rules[0].get("retry"):
         return "route retry not pushed"
-    if rules[0].get("request_timeout") is None and rules[0].get("requestTimeout") is None:
+    keys = [k for k in ("request_timeout", "requestTimeout") if k in rules[0]]
+    if keys and all(rules[0][k] is None for k in keys):
         return "route timeout not pushed"
     policy = dest.get("policy") or {}
     if _get(policy, "outlier", "consecutiveFailures") != 5:

@@ -479,14 +479,16 @@ visit() {
   local dir=$REC/$s/$t/round$r
   mkdir -p "$dir"
   VDIR=$WORK/run/$s-$t-$r; mkdir -p "$VDIR"
+  # Command lines of each target's first visit go into the report (later visits differ only
+  # in ports and in instance 0's --delay-ms / --fail-every).
   CMDLOG=/dev/null
-  [[ $r == 1 ]] && CMDLOG=$WORK/cmds/$s-$t.txt
+  [[ -e $WORK/cmds/$t.txt ]] || CMDLOG=$WORK/cmds/$t.txt
   wait_idle
   busy_start
   if ! start_backends "$s" || ! start_target "$t"; then
     log "$s / $t: FAILED to start: $FAIL_MSG"
     printf 'failed to start: %s\n' "$FAIL_MSG" >>"$dir/failed"
-    busy_stop "$s / $t round $r"
+    stop_pids "$BUSY_PID"; BUSY_PID=
     stop_all
     return 0
   fi
@@ -605,7 +607,7 @@ write_header() {
     printf '%s ' "${OHA_ARGS[@]}"; echo
     for f in "$WORK"/cmds/*.txt; do
       [[ -e $f ]] || continue
-      echo "# ---- $(basename "$f" .txt)"
+      echo "# ---- $(basename "$f" .txt) (first visit)"
       cat "$f"
     done
     echo '```'

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use trellis_core::authz::InboundPolicy;
 use trellis_core::discovery::{
-    DestinationDelta, DiscoveredEndpoint, InstanceInfo, Mirror, PathRule, RouteMatch, RouteRule,
-    RouteTable, WeightedBackend,
+    DestinationDelta, DiscoveredEndpoint, ExternalEndpoints, InstanceInfo, Mirror, PathRule,
+    RouteMatch, RouteRule, RouteTable, WeightedBackend,
 };
 use trellis_core::names::{Namespace, ServiceName};
 use trellis_core::policy::{
@@ -16,8 +16,8 @@ use trellis_core::policy::{
     OutlierDetection, RateLimit, RetryBudget, RetryPolicy,
 };
 use trellis_core::resources::{
-    AppProtocol, AuthzAction, AuthzRule, AuthzSource, AuthzTarget, DefaultPolicy, HeaderModifier,
-    HeaderValuePair, LoadBalancer, MeshConfigSpec, MtlsMode, TracingConfig,
+    AppProtocol, AuthzAction, AuthzRule, AuthzSource, AuthzTarget, DefaultPolicy, ExternalTls,
+    HeaderModifier, HeaderValuePair, LoadBalancer, MeshConfigSpec, MtlsMode, TracingConfig,
 };
 
 pub mod tls;
@@ -338,6 +338,27 @@ impl From<&DestinationDelta> for pb::DestinationUpdate {
             removed: d.removed.clone(),
             routes: d.routes.as_ref().map(Into::into),
             policy: d.policy.as_ref().map(Into::into),
+            external: d.external.as_ref().map(|e| pb::External {
+                environments: e
+                    .by_env
+                    .iter()
+                    .map(|(env, addrs)| pb::EnvAddresses {
+                        env: env.clone(),
+                        addresses: addrs.clone(),
+                    })
+                    .collect(),
+                tls: e.tls.is_some(),
+                sni: e
+                    .tls
+                    .as_ref()
+                    .and_then(|t| t.sni.clone())
+                    .unwrap_or_default(),
+                ca_bundle_pem: e
+                    .tls
+                    .as_ref()
+                    .and_then(|t| t.ca_bundle.clone())
+                    .unwrap_or_default(),
+            }),
         }
     }
 }
@@ -528,6 +549,17 @@ impl TryFrom<pb::DestinationUpdate> for DestinationDelta {
             removed: d.removed,
             routes: d.routes.map(RouteTable::try_from).transpose()?,
             policy: d.policy.map(DestinationPolicy::try_from).transpose()?,
+            external: d.external.map(|e| ExternalEndpoints {
+                by_env: e
+                    .environments
+                    .into_iter()
+                    .map(|a| (a.env, a.addresses))
+                    .collect(),
+                tls: e.tls.then(|| ExternalTls {
+                    sni: (!e.sni.is_empty()).then_some(e.sni),
+                    ca_bundle: (!e.ca_bundle_pem.is_empty()).then_some(e.ca_bundle_pem),
+                }),
+            }),
         })
     }
 }
@@ -737,6 +769,13 @@ mod tests {
                     abort: Some((503, 50.0)),
                 }),
                 ..DestinationPolicy::default()
+            }),
+            external: Some(ExternalEndpoints {
+                by_env: [("prod".to_string(), vec!["api.example.com:443".to_string()])].into(),
+                tls: Some(ExternalTls {
+                    sni: Some("api.example.com".into()),
+                    ca_bundle: None,
+                }),
             }),
         };
         let wire = pb::DestinationUpdate::from(&delta);

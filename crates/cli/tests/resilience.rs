@@ -702,3 +702,156 @@ async fn explain_shows_what_the_callers_proxy_would_do() {
     );
     eprintln!("{text}");
 }
+
+/// An HTTPS server on loopback with a certificate for `localhost` from a fresh CA; answers
+/// `secure hello` with the Host it received. Returns its address and the CA's PEM.
+async fn spawn_tls_server() -> (SocketAddr, String) {
+    let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut ca_params = rcgen::CertificateParams::default();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    let cert = params.signed_by(&key, &ca).unwrap();
+    let ck = trellis_api::tls::certified_key(cert.pem().as_bytes(), key.serialize_pem().as_bytes())
+        .unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(trellis_api::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_cert_resolver(trellis_api::tls::CertResolver::new(ck));
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let host = req
+                            .headers()
+                            .get("host")
+                            .map(|h| h.to_str().unwrap_or("").to_owned())
+                            .unwrap_or_default();
+                        let mut rsp = http::Response::new(Full::new(Bytes::from("secure hello")));
+                        rsp.headers_mut()
+                            .insert("x-served-by", "tls-server".parse().unwrap());
+                        rsp.headers_mut()
+                            .insert("x-seen-host", host.parse().unwrap());
+                        Ok::<_, std::convert::Infallible>(rsp)
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, ca.pem())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_services_follow_the_environment_and_originate_tls() {
+    let (_running, cp) = control("resil-external", |_| {}).await;
+    let dev = http_server::spawn("billing-dev").await;
+    let prod = http_server::spawn("billing-prod").await;
+    let (tls_addr, ca_pem) = spawn_tls_server().await;
+    let ca_yaml: String = ca_pem.lines().map(|l| format!("      {l}\n")).collect();
+    apply(
+        &cp,
+        &format!(
+            "apiVersion: trellis.dev/v1alpha1\nkind: ExternalService\nmetadata: {{name: billing}}\nspec:\n  endpoints:\n    dev: [\"{}\"]\n    prod: [\"{}\"]\n---\napiVersion: trellis.dev/v1alpha1\nkind: ExternalService\nmetadata: {{name: secure-api}}\nspec:\n  endpoints:\n    dev: [\"localhost:{}\"]\n  tls:\n    caBundle: |\n{ca_yaml}",
+            dev.addr,
+            prod.addr,
+            tls_addr.port()
+        ),
+    )
+    .await;
+    let dev_client = proxy(
+        "client",
+        &cp,
+        &[
+            "--env",
+            "dev",
+            "--upstream",
+            "billing=127.0.0.1:0",
+            "--upstream",
+            "secure-api=127.0.0.1:0",
+            "--instance",
+            "client-dev",
+        ],
+    )
+    .await;
+    let prod_client = proxy(
+        "client",
+        &cp,
+        &[
+            "--env",
+            "prod",
+            "--upstream",
+            "billing=127.0.0.1:0",
+            "--instance",
+            "client-prod",
+        ],
+    )
+    .await;
+    let billing = |p: &Running| p.bound.upstreams[&ServiceName::new("billing").unwrap()];
+    let answer = |addr: SocketAddr, host: &'static str| async move {
+        eventually(
+            "the external service answers",
+            Duration::from_secs(10),
+            || async {
+                let a = Client::connect(addr).await.call(host, "/", &[]).await;
+                (a.status == 200).then_some(a)
+            },
+        )
+        .await
+    };
+    assert_eq!(
+        answer(billing(&dev_client), "billing").await.served_by,
+        "billing-dev"
+    );
+    assert_eq!(
+        answer(billing(&prod_client), "billing").await.served_by,
+        "billing-prod"
+    );
+
+    let secure = dev_client.bound.upstreams[&ServiceName::new("secure-api").unwrap()];
+    let a = answer(secure, "secure-api").await;
+    assert_eq!(a.served_by, "tls-server");
+    // The external server saw its own name, not the mesh name the app used.
+    let mut c = Client::connect(secure).await;
+    c.sender.ready().await.unwrap();
+    let rsp = c
+        .sender
+        .send_request(
+            http::Request::get("/")
+                .header("host", "secure-api")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        rsp.headers()["x-seen-host"],
+        format!("localhost:{}", tls_addr.port()).as_str()
+    );
+    // Metrics name the mesh name, like any destination.
+    let m = metrics_of(&dev_client).await;
+    assert!(
+        counter(
+            &m,
+            "trellis_http_requests_total",
+            &["dst=\"secure-api\"", "code=\"200\""]
+        ) >= 2.0,
+        "{m}"
+    );
+}

@@ -243,7 +243,7 @@ impl pb::proxy_control_server::ProxyControl for ControlService {
         tokio::spawn(async move {
             while let Some(push) = pushes.recv().await {
                 let msg = match push {
-                    Push::Destination(d) => pb::control_message::Message::Destination((&d).into()),
+                    Push::Destination(d) => pb::control_message::Message::Destination((&*d).into()),
                     Push::MeshConfig(m) => pb::control_message::Message::MeshConfig((&m).into()),
                     Push::TrustBundle(pem) => {
                         pb::control_message::Message::TrustBundle(pb::TrustBundle { pem })

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use trellis_core::authz::InboundPolicy;
-use trellis_core::discovery::{DestinationDelta, DiscoveredEndpoint, InstanceInfo, RouteTable};
+use trellis_core::discovery::{
+    DestinationDelta, DiscoveredEndpoint, ExternalEndpoints, InstanceInfo, RouteTable,
+};
 use trellis_core::names::{Namespace, ServiceName};
 use trellis_core::policy::{DestinationPolicy, InboundRateLimit};
 use trellis_core::resources::{
@@ -28,7 +30,7 @@ pub type SessionId = u64;
 /// What the hub sends to a session.
 #[derive(Debug, Clone)]
 pub enum Push {
-    Destination(DestinationDelta),
+    Destination(Box<DestinationDelta>),
     MeshConfig(MeshConfigSpec),
     Inbound(InboundView),
     TrustBundle(String),
@@ -53,13 +55,17 @@ struct ServiceView {
     endpoints: BTreeMap<String, DiscoveredEndpoint>,
     routes: RouteTable,
     policy: DestinationPolicy,
+    external: Option<ExternalEndpoints>,
     protocol: Option<AppProtocol>,
     declared: bool,
 }
 
 impl ServiceView {
     fn exists(&self) -> bool {
-        self.declared || !self.endpoints.is_empty() || !self.routes.rules.is_empty()
+        self.declared
+            || self.external.is_some()
+            || !self.endpoints.is_empty()
+            || !self.routes.rules.is_empty()
     }
 }
 
@@ -307,8 +313,9 @@ impl Hub {
             removed: Vec::new(),
             routes: Some(view.routes.clone()),
             policy: Some(view.policy.clone()),
+            external: view.external.clone(),
         };
-        let ok = s.tx.try_send(Push::Destination(delta)).is_ok();
+        let ok = s.tx.try_send(Push::Destination(Box::new(delta))).is_ok();
         s.sent.insert(service.clone(), view);
         st.watchers.entry(service).or_default().insert(session);
         if !ok {
@@ -419,6 +426,7 @@ impl Hub {
         let mut grpc_routes: HashMap<ServiceName, Vec<(&str, &GrpcRouteSpec)>> = HashMap::new();
         let mut dest_policies: HashMap<ServiceName, &DestinationPolicySpec> = HashMap::new();
         let mut faults: HashMap<ServiceName, &FaultInjectionSpec> = HashMap::new();
+        let mut externals: HashMap<ServiceName, ExternalEndpoints> = HashMap::new();
         let target = |r: &Resource, t: &TargetRef| {
             let ns = t
                 .namespace
@@ -460,6 +468,18 @@ impl Hub {
                 Spec::DestinationPolicy(spec) => {
                     if let Some((_, svc)) = target(r, &spec.target_ref) {
                         dest_policies.insert(svc, spec);
+                    }
+                }
+                Spec::ExternalService(spec) => {
+                    if let Ok(name) = ServiceName::new(r.metadata.name.as_str()) {
+                        declared.insert(name.clone(), Some(spec.protocol));
+                        externals.insert(
+                            name,
+                            ExternalEndpoints {
+                                by_env: spec.endpoints.clone(),
+                                tls: spec.tls.clone(),
+                            },
+                        );
                     }
                 }
                 Spec::FaultInjection(spec) => {
@@ -512,6 +532,7 @@ impl Hub {
             .chain(declared.keys())
             .chain(dest_policies.keys())
             .chain(faults.keys())
+            .chain(externals.keys())
             .cloned()
             .collect();
         for name in names {
@@ -523,6 +544,7 @@ impl Hub {
                 dest_policies.get(&name).copied(),
                 faults.get(&name).copied(),
             );
+            let external = externals.get(&name).cloned();
             let view = st.services.entry(name.clone()).or_default();
             let protocol = declared.get(&name).copied().flatten();
             let is_declared = declared.contains_key(&name);
@@ -530,9 +552,11 @@ impl Hub {
                 || view.protocol != protocol
                 || view.declared != is_declared
                 || view.policy != policy
+                || view.external != external
             {
                 view.routes = table;
                 view.policy = policy;
+                view.external = external;
                 view.protocol = protocol;
                 view.declared = is_declared;
                 self.fan_out(&mut st, &name, start);
@@ -570,7 +594,7 @@ impl Hub {
             };
             let delta = diff(service, sent, &view);
             let Some(delta) = delta else { continue };
-            match s.tx.try_send(Push::Destination(delta)) {
+            match s.tx.try_send(Push::Destination(Box::new(delta))) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     stuck.push(id);
@@ -698,11 +722,29 @@ fn diff(service: &ServiceName, sent: &ServiceView, now: &ServiceView) -> Option<
         .collect();
     let routes = (sent.routes != now.routes).then(|| now.routes.clone());
     let policy = (sent.policy != now.policy).then(|| now.policy.clone());
+    let external = (sent.external != now.external)
+        .then(|| now.external.clone())
+        .flatten();
+    // An ExternalService that went away: a reset with the registered endpoints replaces it.
+    if sent.external.is_some() && now.external.is_none() {
+        return Some(DestinationDelta {
+            service: service.clone(),
+            reset: true,
+            exists: now.exists(),
+            protocol: now.protocol,
+            upserted: now.endpoints.values().cloned().collect(),
+            removed: Vec::new(),
+            routes: Some(now.routes.clone()),
+            policy: Some(now.policy.clone()),
+            external: None,
+        });
+    }
     let meta_changed = sent.protocol != now.protocol || sent.exists() != now.exists();
     if upserted.is_empty()
         && removed.is_empty()
         && routes.is_none()
         && policy.is_none()
+        && external.is_none()
         && !meta_changed
     {
         return None;
@@ -716,6 +758,7 @@ fn diff(service: &ServiceName, sent: &ServiceView, now: &ServiceView) -> Option<
         removed,
         routes,
         policy,
+        external,
     })
 }
 
@@ -742,7 +785,7 @@ mod tests {
     fn next_destination(rx: &mut mpsc::Receiver<Push>) -> DestinationDelta {
         loop {
             match rx.try_recv().expect("a push") {
-                Push::Destination(d) => return d,
+                Push::Destination(d) => return *d,
                 Push::MeshConfig(_) | Push::Inbound(_) | Push::TrustBundle(_) => continue,
             }
         }

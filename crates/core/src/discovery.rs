@@ -515,4 +515,14 @@ pub struct DestinationDelta {
     pub routes: Option<RouteTable>,
     /// The policy for calls to the service, when it changed (always on reset).
     pub policy: Option<DestinationPolicy>,
+    /// For an ExternalService: its addresses per environment (replaces endpoints); sent
+    /// whenever it changed and on reset.
+    pub external: Option<ExternalEndpoints>,
+}
+
+/// Where an ExternalService lives, per environment; the proxy picks by its `--env`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct ExternalEndpoints {
+    pub by_env: BTreeMap<String, Vec<String>>,
+    pub tls: Option<crate::resources::ExternalTls>,
 }

@@ -68,6 +68,10 @@ pub struct Endpoint {
     /// name, the identity its proxy must present (mTLS). `None`: plaintext (static mode).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub namespace: Option<crate::names::Namespace>,
+    /// For an ExternalService endpoint: the `host:port` it was configured as (the `Host` the
+    /// external server expects, and the TLS server name when the proxy originates TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_host: Option<String>,
 }
 
 /// Where calls to one service go.
@@ -221,6 +225,7 @@ impl StaticConfig {
                     address,
                     meshed: ep.meshed,
                     namespace: None,
+                    external_host: None,
                 });
             }
             destinations.insert(

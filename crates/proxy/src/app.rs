@@ -293,6 +293,7 @@ pub async fn start(
                 },
             },
             destinations: destinations.clone(),
+            env: config.env.clone(),
             watch_requests: watch_rx,
             pinned: config.upstreams.keys().cloned().collect(),
             ready: ready.clone(),

@@ -66,6 +66,9 @@ pub struct Args {
     /// Locality reported to the registry.
     #[arg(long, env = "TRELLIS_ZONE")]
     pub zone: Option<String>,
+    /// The environment this proxy runs in: picks an ExternalService's addresses.
+    #[arg(long, env = "TRELLIS_ENV", default_value = "dev")]
+    pub env: String,
     /// Labels reported to the registry: K=V. Repeatable.
     #[arg(long = "label", env = "TRELLIS_LABEL", value_delimiter = ',')]
     pub labels: Vec<String>,
@@ -126,6 +129,7 @@ pub struct ProxyConfig {
     pub admin_addr: SocketAddr,
     pub advertise: Option<SocketAddr>,
     pub zone: Option<String>,
+    pub env: String,
     pub labels: BTreeMap<String, String>,
     pub upstreams: BTreeMap<ServiceName, SocketAddr>,
     pub inbound_protocol: ProtocolHint,
@@ -364,6 +368,7 @@ impl ProxyConfig {
                 .map(|a| flag("advertise", parse_socket_addr(a)))
                 .transpose()?,
             zone: args.zone,
+            env: args.env,
             labels,
             service,
             namespace,

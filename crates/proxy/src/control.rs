@@ -31,6 +31,8 @@ pub struct ControlClient {
     pub addresses: Vec<String>,
     pub instance: InstanceInfo,
     pub destinations: Arc<Destinations>,
+    /// `--env`: which of an ExternalService's addresses to use.
+    pub env: String,
     pub watch_requests: mpsc::UnboundedReceiver<WatchRequest>,
     /// Destinations never dropped for idleness (upstream ports).
     pub pinned: Vec<ServiceName>,
@@ -284,7 +286,16 @@ impl ControlClient {
                 match DestinationDelta::try_from(d) {
                     Ok(delta) => {
                         tracing::debug!(service = %delta.service, reset = delta.reset, upserted = delta.upserted.len(), removed = delta.removed.len(), "destination update");
+                        let external = delta.external.clone().map(|e| (delta.service.clone(), e));
                         self.destinations.apply(delta);
+                        if let Some((service, e)) = external {
+                            crate::http::external::spawn_resolve(
+                                self.destinations.clone(),
+                                service,
+                                e,
+                                self.env.clone(),
+                            );
+                        }
                     }
                     Err(e) => tracing::warn!(error = %e, "ignoring malformed destination update"),
                 }

@@ -48,6 +48,7 @@ pub(crate) fn destination(protocol: ProtocolHint, endpoints: &[(SocketAddr, bool
                 address,
                 meshed,
                 namespace: None,
+                external_host: None,
             })
             .collect(),
     }

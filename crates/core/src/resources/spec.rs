@@ -499,6 +499,20 @@ pub struct ExternalServiceSpec {
     pub protocol: AppProtocol,
     /// Addresses (`host:port` or `ip:port`) per environment: `dev`, `staging`, `prod`.
     pub endpoints: BTreeMap<String, Vec<String>>,
+    /// Originate TLS: the app speaks plain HTTP to the proxy, the proxy speaks HTTPS out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ExternalTls>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExternalTls {
+    /// Server name to send and verify (default: the address's host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// PEM roots to verify the server with (default: the system's roots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -381,6 +381,12 @@ pub fn validate(r: &Resource) -> Check {
                     }
                 }
             }
+            if let Some(tls) = &s.tls
+                && let Some(pem) = &tls.ca_bundle
+                && !pem.contains("-----BEGIN CERTIFICATE-----")
+            {
+                return fail("spec.tls.caBundle", "is not a PEM certificate bundle");
+            }
         }
         Spec::MeshConfig(s) => {
             if let Some(t) = &s.tracing

@@ -13,7 +13,9 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
-use trellis_core::discovery::{DestinationDelta, DiscoveredEndpoint, RouteRule, RouteTable};
+use trellis_core::discovery::{
+    DestinationDelta, DiscoveredEndpoint, ExternalEndpoints, RouteRule, RouteTable,
+};
 use trellis_core::policy::DestinationPolicy;
 use trellis_core::resources::AppProtocol;
 use trellis_core::{Destination, Endpoint, Namespace, ProtocolHint, ServiceName};
@@ -50,6 +52,11 @@ pub struct Snapshot {
     pub route_rules: Vec<Arc<RouteRule>>,
     /// Load balancing, ejection, limits, budget and faults for calls to this service.
     pub policy: Arc<DestinationPolicy>,
+    /// Set for an ExternalService: its addresses per environment (endpoints are this
+    /// proxy's environment's, resolved).
+    pub external: Option<ExternalEndpoints>,
+    /// TLS to an ExternalService's endpoints, when it originates TLS.
+    pub external_tls: Option<Arc<rustls::ClientConfig>>,
     /// Endpoint details by instance id (dynamic mode), for `/config` and patching.
     pub instances: BTreeMap<String, DiscoveredEndpoint>,
 }
@@ -210,14 +217,21 @@ impl DestinationState {
         for ep in delta.upserted {
             instances.insert(ep.instance_id.clone(), ep);
         }
-        let endpoints: Arc<[Endpoint]> = instances
-            .values()
-            .map(|e| Endpoint {
-                address: e.address,
-                meshed: true,
-                namespace: Some(e.namespace.clone()),
-            })
-            .collect();
+        // An ExternalService keeps its resolved endpoints until `set_external` replaces them.
+        let external = delta.external.is_some() || (old.external.is_some() && !delta.reset);
+        let endpoints: Arc<[Endpoint]> = if external {
+            old.endpoints.clone()
+        } else {
+            instances
+                .values()
+                .map(|e| Endpoint {
+                    address: e.address,
+                    meshed: true,
+                    namespace: Some(e.namespace.clone()),
+                    external_host: None,
+                })
+                .collect()
+        };
         // Endpoints that stay keep what was learned about them.
         let known: HashMap<std::net::SocketAddr, &Arc<EndpointLoad>> = old
             .endpoints
@@ -233,10 +247,14 @@ impl DestinationState {
                     .map_or_else(Arc::default, |l| Arc::clone(l))
             })
             .collect();
-        let zones = instances
-            .values()
-            .map(|e| Arc::from(e.zone.as_str()))
-            .collect();
+        let zones = if external {
+            old.zones.clone()
+        } else {
+            instances
+                .values()
+                .map(|e| Arc::from(e.zone.as_str()))
+                .collect()
+        };
         let routes = match delta.routes {
             Some(r) => r,
             None if delta.reset => RouteTable::default(),
@@ -260,6 +278,16 @@ impl DestinationState {
             self.retry_budget.reconfigure(&policy.retry_budget);
         }
         self.replace(Snapshot {
+            external: if external {
+                delta.external.or_else(|| old.external.clone())
+            } else {
+                None
+            },
+            external_tls: if external {
+                old.external_tls.clone()
+            } else {
+                None
+            },
             route_labels,
             route_rules,
             zones,
@@ -283,6 +311,35 @@ impl DestinationState {
 }
 
 impl DestinationState {
+    /// Replaces an ExternalService's endpoints (resolved for this proxy's environment).
+    pub fn set_external(&self, endpoints: Vec<Endpoint>, tls: Option<Arc<rustls::ClientConfig>>) {
+        let old = self.snapshot();
+        if old.external.is_none() {
+            return;
+        }
+        let known: HashMap<std::net::SocketAddr, &Arc<EndpointLoad>> = old
+            .endpoints
+            .iter()
+            .zip(old.loads.iter())
+            .map(|(e, l)| (e.address, l))
+            .collect();
+        let loads = endpoints
+            .iter()
+            .map(|e| {
+                known
+                    .get(&e.address)
+                    .map_or_else(Arc::default, |l| Arc::clone(l))
+            })
+            .collect();
+        let zones = endpoints.iter().map(|_| Arc::from("")).collect();
+        let mut next = (*old).clone();
+        next.endpoints = endpoints.into();
+        next.loads = loads;
+        next.zones = zones;
+        next.external_tls = tls;
+        self.replace(next);
+    }
+
     /// JSON view for `/config` and `trellis explain`: endpoints with their health, routes and
     /// the policy in force.
     pub fn describe(&self) -> serde_json::Value {
@@ -308,6 +365,7 @@ impl DestinationState {
         serde_json::json!({
             "known": s.known,
             "exists": s.exists,
+            "external": s.external.as_ref().map(|e| serde_json::json!({"environments": e.by_env, "tls": e.tls.is_some()})),
             "protocol": s.protocol,
             "endpoints": endpoints,
             "routes": s.routes,
@@ -464,6 +522,18 @@ impl Destinations {
         }
     }
 
+    /// Installs an ExternalService's resolved endpoints (see `http::external`).
+    pub fn set_external(
+        &self,
+        name: &str,
+        endpoints: Vec<Endpoint>,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) {
+        if let Some(state) = self.get(name) {
+            state.set_external(endpoints, tls);
+        }
+    }
+
     /// Applies a control-plane update (ignored if the service is no longer tracked).
     pub fn apply(&self, delta: DestinationDelta) {
         if let Some(state) = self.get(delta.service.as_str()) {
@@ -579,11 +649,13 @@ mod tests {
                         address: "127.0.0.1:1".parse().expect("a"),
                         meshed: true,
                         namespace: None,
+                        external_host: None,
                     },
                     Endpoint {
                         address: "127.0.0.1:2".parse().expect("a"),
                         meshed: false,
                         namespace: None,
+                        external_host: None,
                     },
                 ],
             },
@@ -678,6 +750,7 @@ mod tests {
             removed: vec![],
             routes: Some(RouteTable::default()),
             policy: None,
+            external: None,
         });
         assert_eq!(waiter.await.expect("join"), 2);
         d.apply(DestinationDelta {
@@ -689,6 +762,7 @@ mod tests {
             removed: vec!["a".into()],
             routes: None,
             policy: None,
+            external: None,
         });
         let snap = orders.snapshot();
         let ports: Vec<u16> = snap.endpoints.iter().map(|e| e.address.port()).collect();

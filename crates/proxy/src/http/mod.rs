@@ -4,6 +4,7 @@
 pub mod balance;
 pub mod client;
 pub mod destinations;
+pub mod external;
 pub mod headers;
 pub mod health_check;
 pub mod inbound;

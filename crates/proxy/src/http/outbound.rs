@@ -24,6 +24,7 @@ use crate::error::{Fault, ProxyError};
 use crate::http::balance::InFlight;
 use crate::http::client::{self, Clients};
 use crate::http::destinations::{DestinationState, Target};
+use crate::http::external;
 use crate::http::headers::{self, ORIG_PROTO, ORIG_PROTO_HTTP1};
 use crate::http::outlier::{Outcome, Transition};
 use crate::http::tunnel::{self, TunnelCtx};
@@ -211,6 +212,33 @@ impl Forward {
                 prepare_for_mesh(&mut req)?;
                 let peer = endpoint.namespace.as_ref().map(|ns| (ns, &backend.name));
                 self.clients.h2.send(endpoint.address, peer, req).await
+            } else if let Some(host) = endpoint.external_host.as_deref() {
+                headers::strip_hop_by_hop(req.headers_mut());
+                external::set_host(&mut req, host, snapshot.external_tls.is_some());
+                match &snapshot.external_tls {
+                    Some(config) => {
+                        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                        *req.uri_mut() = path
+                            .parse()
+                            .map_err(|e| ProxyError::Malformed(format!("uri: {e}")))?;
+                        *req.version_mut() = Version::HTTP_11;
+                        let sni = snapshot
+                            .external
+                            .as_ref()
+                            .and_then(|e| e.tls.as_ref())
+                            .and_then(|t| t.sni.as_deref());
+                        external::send_tls(
+                            endpoint.address,
+                            host,
+                            sni,
+                            config.clone(),
+                            self.clients.settings().connect_timeout,
+                            req,
+                        )
+                        .await
+                    }
+                    None => self.clients.send_http1(endpoint.address, req).await,
+                }
             } else if wants_h2 {
                 prepare_absolute_h2(&mut req)?;
                 self.clients.h2.send(endpoint.address, None, req).await
