@@ -458,6 +458,86 @@ spec:
     }
 
     #[test]
+    fn grpc_routes_match_service_and_method_and_filters_carry_over() {
+        let rs = parse_documents(
+            r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: inv}
+spec:
+  parentRefs: [{name: inventory}]
+  rules:
+    - matches: [{method: {service: shop.Inventory, method: Check}}]
+      backendRefs: [{name: inventory-v2}]
+      retry: {codes: [503], attempts: 3}
+    - matches: [{method: {service: shop.Inventory}}]
+      backendRefs: [{name: inventory-v1}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web}
+spec:
+  parentRefs: [{name: web}]
+  rules:
+    - filters:
+        - type: RequestHeaderModifier
+          requestHeaderModifier: {set: [{name: x-env, value: canary}]}
+        - type: RequestMirror
+          requestMirror: {backendRef: {name: shadow}, percent: 5}
+"#,
+        )
+        .expect("valid");
+        let grpc: Vec<_> = rs
+            .iter()
+            .filter_map(|r| match &r.spec {
+                Spec::GRPCRoute(s) => Some((r.metadata.name.as_str(), s)),
+                _ => None,
+            })
+            .collect();
+        let t = RouteTable::from_routes([], grpc);
+        let none = H(vec![]);
+        let pick = |p| {
+            t.select(&facts("POST", p, &none))
+                .map(|r| r.backends[0].service.to_string())
+        };
+        assert_eq!(
+            pick("/shop.Inventory/Check").as_deref(),
+            Some("inventory-v2")
+        );
+        assert_eq!(
+            pick("/shop.Inventory/List").as_deref(),
+            Some("inventory-v1")
+        );
+        assert_eq!(pick("/other.Svc/Check"), None);
+        let check = t
+            .select(&facts("POST", "/shop.Inventory/Check", &none))
+            .expect("rule");
+        assert_eq!(check.retry.as_ref().map(|r| r.attempts), Some(3));
+
+        let http: Vec<_> = rs
+            .iter()
+            .filter_map(|r| match &r.spec {
+                Spec::HTTPRoute(s) => Some((r.metadata.name.as_str(), s)),
+                _ => None,
+            })
+            .collect();
+        let t = RouteTable::from_http_routes(http);
+        let rule = &t.rules[0];
+        assert_eq!(
+            rule.request_headers
+                .as_ref()
+                .map(|m| m.set[0].value.as_str()),
+            Some("canary")
+        );
+        assert_eq!(
+            rule.mirror
+                .as_ref()
+                .map(|m| (m.service.as_str(), m.percent)),
+            Some(("shadow", 5.0))
+        );
+    }
+
+    #[test]
     fn prefix_matching_is_segment_wise() {
         assert!(path_has_prefix("/api", "/api"));
         assert!(path_has_prefix("/api/", "/api"));

@@ -33,6 +33,10 @@ const OVERPROVISIONING: f64 = 1.4;
 pub struct EndpointLoad {
     rtt: Mutex<Rtt>,
     pending: AtomicU32,
+    /// The first response from an endpoint usually includes connection setup (TCP, mTLS
+    /// handshake); taken as a peak it would keep the endpoint idle for many seconds, so it
+    /// is not counted.
+    warmed: std::sync::atomic::AtomicBool,
     pub health: Health,
 }
 
@@ -50,6 +54,7 @@ impl Default for EndpointLoad {
                 at: Instant::now(),
             }),
             pending: AtomicU32::new(0),
+            warmed: std::sync::atomic::AtomicBool::new(false),
             health: Health::default(),
         }
     }
@@ -105,8 +110,12 @@ pub struct InFlight {
 }
 
 impl InFlight {
-    /// Response headers arrived: the time so far is a latency observation.
+    /// Response headers arrived: the time so far is a latency observation (except the
+    /// endpoint's first, which paid for connection setup).
     pub fn observe_latency(&self) {
+        if !self.load.warmed.swap(true, Ordering::Relaxed) {
+            return;
+        }
         let now = Instant::now();
         self.load
             .observe(now.saturating_duration_since(self.start), now);
@@ -143,11 +152,30 @@ pub struct BalancerState {
     next: AtomicUsize,
 }
 
+/// Where an endpoint is and how much traffic it should take relative to the others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointMeta {
+    /// "" when unknown.
+    pub zone: Arc<str>,
+    /// Relative capacity (default 1): P2C and least-request divide cost by it, random and
+    /// round-robin pick in proportion to it. 0: only used when every candidate is 0.
+    pub weight: u32,
+}
+
+impl Default for EndpointMeta {
+    fn default() -> Self {
+        Self {
+            zone: Arc::from(""),
+            weight: 1,
+        }
+    }
+}
+
 /// The endpoints a choice may use.
 pub struct Candidates<'a> {
     pub loads: &'a [Arc<EndpointLoad>],
-    /// Zone of each endpoint, index-aligned with `loads`.
-    pub zones: &'a [Arc<str>],
+    /// Zone and weight of each endpoint, index-aligned with `loads`.
+    pub meta: &'a [EndpointMeta],
     /// The caller's zone ("" when unknown: no preference).
     pub local_zone: &'a str,
     pub locality_failover: bool,
@@ -168,13 +196,42 @@ pub fn choose(
         return None;
     }
     let pool = locality_pool(c, available);
+    let weight = |i: usize| c.meta.get(i).map_or(1, |m| m.weight);
+    // Weight 0 drains an endpoint, unless nothing else is left.
+    let weighted: Vec<usize> = pool.iter().copied().filter(|&i| weight(i) > 0).collect();
+    let pool = if weighted.is_empty() { pool } else { weighted };
+    let w = |i: usize| f64::from(weight(i).max(1));
+    let uniform = pool.iter().all(|&i| weight(i) == weight(pool[0]));
     let i = match algorithm {
-        LoadBalancer::P2cEwma => p2c(&pool, |i| c.loads[i].cost(now)),
-        LoadBalancer::LeastRequest => p2c(&pool, |i| f64::from(c.loads[i].pending())),
-        LoadBalancer::RoundRobin => pool[state.next.fetch_add(1, Ordering::Relaxed) % pool.len()],
-        LoadBalancer::Random => pool[random_below(pool.len() as u64) as usize],
+        LoadBalancer::P2cEwma => p2c(&pool, |i| c.loads[i].cost(now) / w(i)),
+        LoadBalancer::LeastRequest => p2c(&pool, |i| f64::from(c.loads[i].pending() + 1) / w(i)),
+        LoadBalancer::RoundRobin if uniform => {
+            pool[state.next.fetch_add(1, Ordering::Relaxed) % pool.len()]
+        }
+        LoadBalancer::RoundRobin => {
+            let total: u64 = pool.iter().map(|&i| u64::from(weight(i).max(1))).sum();
+            let slot = state.next.fetch_add(1, Ordering::Relaxed) as u64 % total;
+            by_cumulative_weight(&pool, slot, |i| u64::from(weight(i).max(1)))
+        }
+        LoadBalancer::Random if uniform => pool[random_below(pool.len() as u64) as usize],
+        LoadBalancer::Random => {
+            let total: u64 = pool.iter().map(|&i| u64::from(weight(i).max(1))).sum();
+            by_cumulative_weight(&pool, random_below(total), |i| u64::from(weight(i).max(1)))
+        }
     };
     Some(i)
+}
+
+/// The member of `pool` whose cumulative-weight interval contains `slot`.
+fn by_cumulative_weight(pool: &[usize], mut slot: u64, weight: impl Fn(usize) -> u64) -> usize {
+    for &i in pool {
+        let w = weight(i);
+        if slot < w {
+            return i;
+        }
+        slot -= w;
+    }
+    pool[pool.len() - 1]
 }
 
 /// With failover on and a known local zone: the local zone's available endpoints with
@@ -183,13 +240,13 @@ fn locality_pool(c: &Candidates<'_>, available: Vec<usize>) -> Vec<usize> {
     if !c.locality_failover || c.local_zone.is_empty() {
         return available;
     }
-    let local_total = c.zones.iter().filter(|z| &***z == c.local_zone).count();
+    let local_total = c.meta.iter().filter(|m| &*m.zone == c.local_zone).count();
     if local_total == 0 {
         return available;
     }
     let (local, remote): (Vec<usize>, Vec<usize>) = available
         .into_iter()
-        .partition(|&i| c.zones.get(i).is_some_and(|z| &**z == c.local_zone));
+        .partition(|&i| c.meta.get(i).is_some_and(|m| &*m.zone == c.local_zone));
     if remote.is_empty() {
         return local;
     }
@@ -225,13 +282,13 @@ mod tests {
     }
 
     fn pick(alg: LoadBalancer, state: &BalancerState, loads: &[Arc<EndpointLoad>]) -> usize {
-        let zones: Vec<Arc<str>> = loads.iter().map(|_| Arc::from("")).collect();
+        let meta: Vec<EndpointMeta> = loads.iter().map(|_| EndpointMeta::default()).collect();
         choose(
             alg,
             state,
             &Candidates {
                 loads,
-                zones: &zones,
+                meta: &meta,
                 local_zone: "",
                 locality_failover: true,
             },
@@ -293,6 +350,70 @@ mod tests {
     }
 
     #[test]
+    fn weights_shift_traffic_in_proportion() {
+        let loads = loads(2);
+        let meta = [
+            EndpointMeta {
+                zone: Arc::from(""),
+                weight: 3,
+            },
+            EndpointMeta::default(),
+        ];
+        let c = Candidates {
+            loads: &loads,
+            meta: &meta,
+            local_zone: "",
+            locality_failover: true,
+        };
+        let state = BalancerState::default();
+        let now = Instant::now();
+        for alg in [LoadBalancer::Random, LoadBalancer::RoundRobin] {
+            let heavy = (0..4000)
+                .filter(|_| choose(alg, &state, &c, now) == Some(0))
+                .count() as f64
+                / 4000.0;
+            assert!((0.72..0.78).contains(&heavy), "{alg:?}: {heavy}");
+        }
+        // Under P2C a weight-3 endpoint stays the cheaper one until it has 3× the requests.
+        let held: Vec<InFlight> = (0..1).map(|_| loads[0].start()).collect();
+        assert_eq!(choose(LoadBalancer::LeastRequest, &state, &c, now), Some(0));
+        drop(held);
+        // Weight 0 drains an endpoint.
+        let drained = [
+            EndpointMeta::default(),
+            EndpointMeta {
+                zone: Arc::from(""),
+                weight: 0,
+            },
+        ];
+        let c = Candidates {
+            meta: &drained,
+            ..c
+        };
+        assert!((0..200).all(|_| choose(LoadBalancer::Random, &state, &c, now) == Some(0)));
+    }
+
+    #[test]
+    fn the_first_response_does_not_set_a_peak() {
+        let l: Arc<EndpointLoad> = Arc::default();
+        let now = Instant::now();
+        let before = l.cost(now);
+        let first = l.start();
+        std::thread::sleep(Duration::from_millis(20));
+        first.observe_latency();
+        drop(first);
+        assert!(
+            l.cost(Instant::now()) <= before,
+            "connection setup is not a peak"
+        );
+        let second = l.start();
+        std::thread::sleep(Duration::from_millis(20));
+        second.observe_latency();
+        drop(second);
+        assert!(l.cost(Instant::now()) > 10e6, "later responses count");
+    }
+
+    #[test]
     fn peaks_are_taken_at_once_and_forgotten_gradually() {
         let l = EndpointLoad::default();
         let t0 = Instant::now();
@@ -307,11 +428,17 @@ mod tests {
     #[test]
     fn local_zone_is_preferred_until_it_runs_low() {
         let loads = loads(4);
-        let zones: Vec<Arc<str>> = ["a", "a", "a", "b"].iter().map(|z| Arc::from(*z)).collect();
+        let meta: Vec<EndpointMeta> = ["a", "a", "a", "b"]
+            .iter()
+            .map(|z| EndpointMeta {
+                zone: Arc::from(*z),
+                weight: 1,
+            })
+            .collect();
         let state = BalancerState::default();
         let c = Candidates {
             loads: &loads,
-            zones: &zones,
+            meta: &meta,
             local_zone: "a",
             locality_failover: true,
         };

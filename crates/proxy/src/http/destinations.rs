@@ -21,7 +21,7 @@ use trellis_core::resources::AppProtocol;
 use trellis_core::{Destination, Endpoint, Namespace, ProtocolHint, ServiceName};
 
 use crate::error::ProxyError;
-use crate::http::balance::{self, BalancerState, Candidates, EndpointLoad, InFlight};
+use crate::http::balance::{self, BalancerState, Candidates, EndpointLoad, EndpointMeta, InFlight};
 use crate::http::outlier::{Outcome, Transition};
 use crate::layers::concurrency::Limiter;
 use crate::layers::retry::RetryBudget;
@@ -43,8 +43,8 @@ pub struct Snapshot {
     pub endpoints: Arc<[Endpoint]>,
     /// Load of each endpoint, index-aligned with `endpoints` (kept across updates by address).
     pub loads: Arc<[Arc<EndpointLoad>]>,
-    /// Zone of each endpoint, index-aligned with `endpoints` ("" when unknown).
-    pub zones: Arc<[Arc<str>]>,
+    /// Zone and weight of each endpoint, index-aligned with `endpoints`.
+    pub meta: Arc<[EndpointMeta]>,
     pub routes: RouteTable,
     /// Metric labels of `routes.rules`, index-aligned (built once per update, not per request).
     pub route_labels: Vec<Label>,
@@ -106,7 +106,11 @@ impl DestinationState {
                 protocol: config.protocol,
                 timeout: config.timeout,
                 loads: config.endpoints.iter().map(|_| Arc::default()).collect(),
-                zones: config.endpoints.iter().map(|_| Arc::from("")).collect(),
+                meta: config
+                    .endpoints
+                    .iter()
+                    .map(|_| EndpointMeta::default())
+                    .collect(),
                 endpoints: config.endpoints.into(),
                 ..Snapshot::default()
             },
@@ -155,7 +159,7 @@ impl DestinationState {
         let (Some(_), true, true) = (
             snap.endpoints.first(),
             snap.loads.len() == snap.endpoints.len(),
-            snap.zones.len() == snap.endpoints.len(),
+            snap.meta.len() == snap.endpoints.len(),
         ) else {
             return Err(ProxyError::NoEndpoints {
                 service: self.name.to_string(),
@@ -163,7 +167,7 @@ impl DestinationState {
         };
         let candidates = Candidates {
             loads: &snap.loads,
-            zones: &snap.zones,
+            meta: &snap.meta,
             local_zone: &self.local_zone,
             locality_failover: snap.policy.locality_failover,
         };
@@ -247,12 +251,15 @@ impl DestinationState {
                     .map_or_else(Arc::default, |l| Arc::clone(l))
             })
             .collect();
-        let zones = if external {
-            old.zones.clone()
+        let meta = if external {
+            old.meta.clone()
         } else {
             instances
                 .values()
-                .map(|e| Arc::from(e.zone.as_str()))
+                .map(|e| EndpointMeta {
+                    zone: Arc::from(e.zone.as_str()),
+                    weight: endpoint_weight(e),
+                })
                 .collect()
         };
         let routes = match delta.routes {
@@ -290,7 +297,7 @@ impl DestinationState {
             },
             route_labels,
             route_rules,
-            zones,
+            meta,
             policy,
             known: true,
             exists: delta.exists,
@@ -331,11 +338,11 @@ impl DestinationState {
                     .map_or_else(Arc::default, |l| Arc::clone(l))
             })
             .collect();
-        let zones = endpoints.iter().map(|_| Arc::from("")).collect();
+        let meta = endpoints.iter().map(|_| EndpointMeta::default()).collect();
         let mut next = (*old).clone();
         next.endpoints = endpoints.into();
         next.loads = loads;
-        next.zones = zones;
+        next.meta = meta;
         next.external_tls = tls;
         self.replace(next);
     }
@@ -349,13 +356,14 @@ impl DestinationState {
             .endpoints
             .iter()
             .zip(s.loads.iter())
-            .zip(s.zones.iter())
-            .map(|((e, l), zone)| {
+            .zip(s.meta.iter())
+            .map(|((e, l), meta)| {
                 let health = l.health.view(now);
                 serde_json::json!({
                     "address": e.address,
                     "meshed": e.meshed,
-                    "zone": &**zone,
+                    "zone": &*meta.zone,
+                    "weight": meta.weight,
                     "state": health.state,
                     "health": health,
                     "inFlight": l.pending(),
@@ -373,6 +381,17 @@ impl DestinationState {
             "retryBudget": self.retry_budget.view(),
         })
     }
+}
+
+/// Registration label giving an instance's relative weight (default 1; 0 takes it out of
+/// rotation unless every endpoint is 0).
+pub const WEIGHT_LABEL: &str = "trellis.dev/weight";
+
+fn endpoint_weight(e: &DiscoveredEndpoint) -> u32 {
+    e.labels
+        .get(WEIGHT_LABEL)
+        .and_then(|w| w.parse::<u32>().ok())
+        .map_or(1, |w| w.min(10_000))
 }
 
 /// What a request or connection is addressed to.
