@@ -189,7 +189,21 @@ pub fn choose(
     c: &Candidates<'_>,
     now: Instant,
 ) -> Option<usize> {
-    let available: Vec<usize> = (0..c.loads.len())
+    let n = c.loads.len();
+    // The common case: every endpoint healthy, no zone preference, equal weights. Choose
+    // among all of them without building candidate lists.
+    let simple = c.loads.iter().all(|l| l.health.is_pristine())
+        && (c.local_zone.is_empty() || !c.locality_failover)
+        && c.meta.iter().all(|m| m.weight == 1);
+    if simple && n > 0 {
+        return Some(match algorithm {
+            LoadBalancer::P2cEwma => p2c(n, |i| c.loads[i].cost(now)),
+            LoadBalancer::LeastRequest => p2c(n, |i| f64::from(c.loads[i].pending())),
+            LoadBalancer::RoundRobin => state.next.fetch_add(1, Ordering::Relaxed) % n,
+            LoadBalancer::Random => random_below(n as u64) as usize,
+        });
+    }
+    let available: Vec<usize> = (0..n)
         .filter(|&i| c.loads[i].health.available(now))
         .collect();
     if available.is_empty() {
@@ -203,8 +217,12 @@ pub fn choose(
     let w = |i: usize| f64::from(weight(i).max(1));
     let uniform = pool.iter().all(|&i| weight(i) == weight(pool[0]));
     let i = match algorithm {
-        LoadBalancer::P2cEwma => p2c(&pool, |i| c.loads[i].cost(now) / w(i)),
-        LoadBalancer::LeastRequest => p2c(&pool, |i| f64::from(c.loads[i].pending() + 1) / w(i)),
+        LoadBalancer::P2cEwma => pool[p2c(pool.len(), |k| c.loads[pool[k]].cost(now) / w(pool[k]))],
+        LoadBalancer::LeastRequest => {
+            pool[p2c(pool.len(), |k| {
+                f64::from(c.loads[pool[k]].pending() + 1) / w(pool[k])
+            })]
+        }
         LoadBalancer::RoundRobin if uniform => {
             pool[state.next.fetch_add(1, Ordering::Relaxed) % pool.len()]
         }
@@ -258,19 +276,14 @@ fn locality_pool(c: &Candidates<'_>, available: Vec<usize>) -> Vec<usize> {
     if draw < share { local } else { remote }
 }
 
-/// Power of two choices: the cheaper of two distinct random members of `pool`.
-fn p2c(pool: &[usize], cost: impl Fn(usize) -> f64) -> usize {
-    let n = pool.len();
-    if n == 1 {
-        return pool[0];
+/// Power of two choices: the cheaper of two distinct random positions in `0..n`.
+fn p2c(n: usize, cost: impl Fn(usize) -> f64) -> usize {
+    if n <= 1 {
+        return 0;
     }
     let a = random_below(n as u64) as usize;
     let b = (a + 1 + random_below(n as u64 - 1) as usize) % n;
-    if cost(pool[b]) < cost(pool[a]) {
-        pool[b]
-    } else {
-        pool[a]
-    }
+    if cost(b) < cost(a) { b } else { a }
 }
 
 #[cfg(test)]

@@ -317,7 +317,15 @@ impl H2Pool {
         peer: Peer<'_>,
         req: Request<Body>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let mut sender = self.sender(addr, peer).await?;
+        let sender = self.sender(addr, peer).await?;
+        Self::send_on(sender, req).await
+    }
+
+    /// Sends a request on a connection obtained with [`H2Pool::sender`].
+    pub async fn send_on(
+        mut sender: http2::SendRequest<Body>,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, ProxyError> {
         sender.ready().await.map_err(ProxyError::upstream)?;
         sender.send_request(req).await.map_err(ProxyError::upstream)
     }

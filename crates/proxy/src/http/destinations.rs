@@ -77,6 +77,8 @@ pub struct DestinationState {
     pub limiter: Limiter,
     /// How many retries calls to this destination may still add.
     pub retry_budget: RetryBudget,
+    /// Whether the policy injects faults (read per request without the snapshot).
+    faults: std::sync::atomic::AtomicBool,
 }
 
 impl DestinationState {
@@ -93,7 +95,13 @@ impl DestinationState {
             balancer: BalancerState::default(),
             limiter,
             retry_budget,
+            faults: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether calls to this destination have faults injected.
+    pub fn injects_faults(&self) -> bool {
+        self.faults.load(Ordering::Acquire)
     }
 
     /// A destination from static configuration.
@@ -188,6 +196,10 @@ impl DestinationState {
 
     /// Feeds a request's outcome to its endpoint's outlier detection.
     pub fn record(&self, in_flight: &InFlight, outcome: Outcome) -> Transition {
+        let health = &in_flight.load().health;
+        if outcome == Outcome::Success && health.is_pristine() {
+            return Transition::None;
+        }
         let snap = self.snapshot();
         let policy = &snap.policy.outlier;
         let may_eject = match outcome {
@@ -284,6 +296,7 @@ impl DestinationState {
         if policy.retry_budget != old.policy.retry_budget {
             self.retry_budget.reconfigure(&policy.retry_budget);
         }
+        self.faults.store(policy.fault.is_some(), Ordering::Release);
         self.replace(Snapshot {
             external: if external {
                 delta.external.or_else(|| old.external.clone())

@@ -22,7 +22,7 @@ use trellis_core::{Endpoint, ProtocolHint, ServiceName};
 use crate::body::{self, Body};
 use crate::error::{Fault, ProxyError};
 use crate::http::balance::InFlight;
-use crate::http::client::{self, Clients};
+use crate::http::client::{self, Clients, H2Pool};
 use crate::http::destinations::{DestinationState, Target};
 use crate::http::external;
 use crate::http::headers::{self, ORIG_PROTO, ORIG_PROTO_HTTP1};
@@ -30,7 +30,7 @@ use crate::http::outlier::{Outcome, Transition};
 use crate::http::tunnel::{self, TunnelCtx};
 use crate::http::{Direction, RequestMeta};
 use crate::layers::{HttpRequest, HttpResponse};
-use crate::metrics::{EjectionLabels, EndpointLabels, Label, Metrics};
+use crate::metrics::{EjectionLabels, EndpointLabels, Label, Metrics, RetryLabels};
 use crate::tcp::{BoxedIo, TcpFlow};
 
 /// Extension: the backend service a route chose (absent: the destination itself).
@@ -42,12 +42,12 @@ pub struct Backend(pub Arc<DestinationState>);
 pub struct SelectedRoute(pub Arc<RouteRule>);
 
 /// The service a request will be sent to: the route's backend, else the destination.
-pub fn backend_of(req: &HttpRequest) -> Option<Arc<DestinationState>> {
+pub fn backend_of(req: &HttpRequest) -> Option<&Arc<DestinationState>> {
     if let Some(b) = req.extensions().get::<Backend>() {
-        return Some(b.0.clone());
+        return Some(&b.0);
     }
     match req.extensions().get::<Target>() {
-        Some(Target::Known(d)) => Some(d.clone()),
+        Some(Target::Known(d)) => Some(d),
         _ => None,
     }
 }
@@ -121,6 +121,23 @@ impl Forward {
     }
 }
 
+impl Forward {
+    fn count_retry(&self, backend: &DestinationState, req: &HttpRequest, reason: &'static str) {
+        self.metrics
+            .retries
+            .get_or_create(&RetryLabels {
+                dst: backend.label.clone(),
+                route: req
+                    .extensions()
+                    .get::<RequestMeta>()
+                    .map_or_else(|| Label::from("default"), |m| m.route.clone()),
+                reason,
+                result: "retried",
+            })
+            .inc();
+    }
+}
+
 impl Service<HttpRequest> for Forward {
     type Response = HttpResponse;
     type Error = ProxyError;
@@ -153,14 +170,14 @@ impl Forward {
                 authority: backend.name.to_string(),
             });
         }
-        let (endpoint, in_flight) = backend.pick()?;
-        let meta = req.extensions().get::<RequestMeta>().cloned();
+        let (mut endpoint, mut in_flight) = backend.pick()?;
         let per_try = req
             .extensions_mut()
             .remove::<SelectedRoute>()
             .and_then(|r| r.0.backend_timeout);
 
         if req.method() == Method::CONNECT {
+            let meta = req.extensions().get::<RequestMeta>().cloned();
             let authority = req.uri().to_string();
             let upstream = open_tcp(&self.clients, &endpoint, &backend.name, &authority).await;
             let outcome = match &upstream {
@@ -180,6 +197,7 @@ impl Forward {
         if headers::is_upgrade(&req) {
             // Upgrades need a connection of their own: plain HTTP/1.1 to the endpoint (a peer
             // proxy's inbound speaks HTTP/1 too) and then a byte splice.
+            let meta = req.extensions().get::<RequestMeta>().cloned();
             let client_upgrade = hyper::upgrade::on(&mut req);
             let peer = endpoint
                 .namespace
@@ -205,13 +223,52 @@ impl Forward {
             ));
         }
 
+        // Toward a peer proxy, the connection is made (or reused) before the request is
+        // handed over: when that fails the request was never sent, so another endpoint may
+        // take it whatever the method (once, within the retry budget). Route retries cover
+        // everything else.
+        let mut mesh_sender = None;
+        if endpoint.meshed {
+            let mut repicked = false;
+            loop {
+                let peer = endpoint.namespace.as_ref().map(|ns| (ns, &backend.name));
+                match self.clients.h2.sender(endpoint.address, peer).await {
+                    Ok(sender) => {
+                        mesh_sender = Some(sender);
+                        break;
+                    }
+                    Err(e) => {
+                        in_flight.observe_failure();
+                        self.record(
+                            &backend,
+                            &endpoint,
+                            &in_flight,
+                            Outcome::Failure(e.reason()),
+                        );
+                        if repicked || !backend.retry_budget.withdraw() {
+                            return Err(e);
+                        }
+                        repicked = true;
+                        self.count_retry(&backend, &req, "connect-failed");
+                        let failed = endpoint.address;
+                        (endpoint, in_flight) = backend.pick()?;
+                        // Prefer another endpoint than the one that just refused.
+                        for _ in 0..2 {
+                            if endpoint.address != failed {
+                                break;
+                            }
+                            (endpoint, in_flight) = backend.pick()?;
+                        }
+                    }
+                }
+            }
+        }
         let wants_h2 = req.version() == Version::HTTP_2
             || matches!(snapshot.protocol, ProtocolHint::Http2 | ProtocolHint::Grpc);
         let send = async {
-            if endpoint.meshed {
+            if let Some(sender) = mesh_sender {
                 prepare_for_mesh(&mut req)?;
-                let peer = endpoint.namespace.as_ref().map(|ns| (ns, &backend.name));
-                self.clients.h2.send(endpoint.address, peer, req).await
+                H2Pool::send_on(sender, req).await
             } else if let Some(host) = endpoint.external_host.as_deref() {
                 headers::strip_hop_by_hop(req.headers_mut());
                 external::set_host(&mut req, host, snapshot.external_tls.is_some());

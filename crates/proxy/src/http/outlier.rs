@@ -9,6 +9,7 @@
 //! mesh-wide failure degrades into errors rather than an empty endpoint set.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -51,6 +52,9 @@ struct State {
 #[derive(Debug, Default)]
 pub struct Health {
     state: Mutex<State>,
+    /// Set while anything is off the happy path (failures counted, circuit not closed, failing
+    /// checks), so a healthy endpoint is checked and updated without taking the lock.
+    troubled: AtomicBool,
 }
 
 /// What `/config` and `trellis explain` show for an endpoint.
@@ -79,13 +83,54 @@ pub enum Transition {
     Recovered,
 }
 
+/// The lock on a [`Health`]'s state; refreshes the `troubled` flag when released.
+struct Guard<'a> {
+    state: std::sync::MutexGuard<'a, State>,
+    troubled: &'a AtomicBool,
+}
+
+impl std::ops::Deref for Guard<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for Guard<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.state
+    }
+}
+
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        let s = &*self.state;
+        let troubled = s.consecutive_failures > 0
+            || s.circuit != Circuit::Closed
+            || s.check_unhealthy
+            || s.check_failures > 0;
+        self.troubled.store(troubled, Ordering::Release);
+    }
+}
+
 impl Health {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> Guard<'_> {
+        Guard {
+            state: self.state.lock().unwrap_or_else(|p| p.into_inner()),
+            troubled: &self.troubled,
+        }
+    }
+
+    /// Nothing is wrong with this endpoint (no lock taken).
+    pub fn is_pristine(&self) -> bool {
+        !self.troubled.load(Ordering::Acquire)
     }
 
     /// Whether a new request may use this endpoint now. An expired ejection turns half-open.
     pub fn available(&self, now: Instant) -> bool {
+        if self.is_pristine() {
+            return true;
+        }
         let mut s = self.lock();
         if s.check_unhealthy {
             return false;
@@ -103,6 +148,9 @@ impl Health {
 
     /// Called when a request was sent here: returns true if it is the half-open probe.
     pub fn begin(&self) -> bool {
+        if self.is_pristine() {
+            return false;
+        }
         let mut s = self.lock();
         match s.circuit {
             Circuit::HalfOpen { probing: false } => {
@@ -134,6 +182,9 @@ impl Health {
         may_eject: impl FnOnce() -> bool,
         now: Instant,
     ) -> Transition {
+        if outcome == Outcome::Success && self.is_pristine() {
+            return Transition::None;
+        }
         let mut s = self.lock();
         match outcome {
             Outcome::Success => {
@@ -186,7 +237,7 @@ impl Health {
 
     /// Counts toward `maxEjectedPercent`: ejected or half-open (not yet proven healthy).
     pub fn counts_as_ejected(&self) -> bool {
-        self.lock().circuit != Circuit::Closed
+        !self.is_pristine() && self.lock().circuit != Circuit::Closed
     }
 
     pub fn view(&self, now: Instant) -> HealthView {

@@ -4,8 +4,6 @@
 //! `overloaded`, so a slow destination costs its callers a fast error instead of an unbounded
 //! queue. A slot is held until the response body ends.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
@@ -15,7 +13,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Layer, Service};
 use trellis_core::policy::ConcurrencyLimits;
 
-use super::{HttpRequest, HttpResponse, ResponseFuture};
+use super::{HttpRequest, HttpResponse, MaybeBoxed, ResponseFuture};
 use crate::body;
 use crate::error::ProxyError;
 use crate::http::outbound::backend_of;
@@ -45,6 +43,8 @@ impl Slots {
 pub struct Limiter {
     // Replaced (not resized) on a policy change: requests in flight keep their old slot.
     slots: RwLock<Arc<Slots>>,
+    /// Whether any limit is set (read per request without the lock).
+    limited: std::sync::atomic::AtomicBool,
 }
 
 /// Counts a waiter until dropped (also when the wait is cancelled).
@@ -60,10 +60,18 @@ impl Limiter {
     pub fn new(limits: &ConcurrencyLimits) -> Self {
         Self {
             slots: RwLock::new(Arc::new(Slots::new(limits))),
+            limited: std::sync::atomic::AtomicBool::new(limits.max_concurrent.is_some()),
         }
     }
 
+    /// Whether any limit is set (unlimited destinations skip the layer's work entirely).
+    pub fn is_limited(&self) -> bool {
+        self.limited.load(Ordering::Acquire)
+    }
+
     pub fn reconfigure(&self, limits: &ConcurrencyLimits) {
+        self.limited
+            .store(limits.max_concurrent.is_some(), Ordering::Release);
         let fresh = Arc::new(Slots::new(limits));
         match self.slots.write() {
             Ok(mut g) => *g = fresh,
@@ -123,18 +131,18 @@ where
 {
     type Response = HttpResponse;
     type Error = ProxyError;
-    type Future = Pin<Box<dyn Future<Output = Result<HttpResponse, ProxyError>> + Send>>;
+    type Future = MaybeBoxed<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: HttpRequest) -> Self::Future {
-        let Some(dest) = backend_of(&req) else {
-            return Box::pin(self.inner.call(req));
+        let Some(dest) = backend_of(&req).filter(|d| d.limiter.is_limited()).cloned() else {
+            return MaybeBoxed::direct(self.inner.call(req));
         };
         let mut inner = self.inner.clone();
-        Box::pin(async move {
+        MaybeBoxed::boxed(async move {
             let permit = dest.limiter.acquire(dest.name.as_str()).await?;
             let call: ResponseFuture = Box::pin(inner.call(req));
             let rsp = call.await?;

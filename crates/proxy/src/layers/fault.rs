@@ -3,15 +3,13 @@
 //! so the caller's own retries, timeouts and fallbacks are what gets exercised. Injected
 //! responses carry `x-trellis-error: fault-injected`.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Response, StatusCode};
 use tower::{Layer, Service};
 
-use super::{HttpRequest, HttpResponse, ResponseFuture};
+use super::{HttpRequest, HttpResponse, MaybeBoxed, ResponseFuture};
 use crate::body;
 use crate::error::{ERROR_HEADER, ProxyError};
 use crate::http::destinations::{Target, random_below};
@@ -84,19 +82,23 @@ where
 {
     type Response = HttpResponse;
     type Error = ProxyError;
-    type Future = Pin<Box<dyn Future<Output = Result<HttpResponse, ProxyError>> + Send>>;
+    type Future = MaybeBoxed<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: HttpRequest) -> Self::Future {
-        let Some(Target::Known(dest)) = req.extensions().get::<Target>() else {
-            return Box::pin(self.inner.call(req));
+        let Some(Target::Known(dest)) = req
+            .extensions()
+            .get::<Target>()
+            .filter(|t| matches!(t, Target::Known(d) if d.injects_faults()))
+        else {
+            return MaybeBoxed::direct(self.inner.call(req));
         };
         let snap = dest.snapshot();
         let Some(fault) = &snap.policy.fault else {
-            return Box::pin(self.inner.call(req));
+            return MaybeBoxed::direct(self.inner.call(req));
         };
         let count = |kind: &'static str| {
             self.metrics
@@ -120,7 +122,7 @@ where
         // delay does not eat into the route's timeout, as in Envoy).
         if let Some(status) = abort {
             let rsp = injected(status, grpc);
-            return Box::pin(async move {
+            return MaybeBoxed::boxed(async move {
                 if let Some(d) = delay {
                     tokio::time::sleep(d).await;
                 }
@@ -128,10 +130,10 @@ where
             });
         }
         let Some(d) = delay else {
-            return Box::pin(self.inner.call(req));
+            return MaybeBoxed::direct(self.inner.call(req));
         };
         let mut inner = self.inner.clone();
-        Box::pin(async move {
+        MaybeBoxed::boxed(async move {
             tokio::time::sleep(d).await;
             let call: ResponseFuture = Box::pin(inner.call(req));
             call.await

@@ -2,8 +2,6 @@
 //! remove headers on the way to the backend and on the way back. Names and values were checked
 //! when the route arrived, so nothing here can fail per request.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -12,7 +10,7 @@ use tower::{Layer, Service};
 use trellis_core::discovery::RouteRule;
 use trellis_core::resources::HeaderModifier;
 
-use super::{HttpRequest, HttpResponse, ResponseFuture};
+use super::{HttpRequest, HttpResponse, MaybeBoxed, ResponseFuture};
 use crate::error::ProxyError;
 use crate::http::outbound::SelectedRoute;
 
@@ -61,7 +59,7 @@ where
 {
     type Response = HttpResponse;
     type Error = ProxyError;
-    type Future = Pin<Box<dyn Future<Output = Result<HttpResponse, ProxyError>> + Send>>;
+    type Future = MaybeBoxed<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
@@ -71,16 +69,16 @@ where
         let rule: Option<Arc<RouteRule>> = req
             .extensions()
             .get::<SelectedRoute>()
-            .map(|r| r.0.clone())
-            .filter(|r| r.request_headers.is_some() || r.response_headers.is_some());
+            .filter(|r| r.0.request_headers.is_some() || r.0.response_headers.is_some())
+            .map(|r| r.0.clone());
         let Some(rule) = rule else {
-            return Box::pin(self.inner.call(req));
+            return MaybeBoxed::direct(self.inner.call(req));
         };
         if let Some(m) = &rule.request_headers {
             modify(req.headers_mut(), m);
         }
         let call: ResponseFuture = Box::pin(self.inner.call(req));
-        Box::pin(async move {
+        MaybeBoxed::boxed(async move {
             let mut rsp = call.await?;
             if let Some(m) = &rule.response_headers {
                 modify(rsp.headers_mut(), m);

@@ -4,8 +4,6 @@
 //! each with [`MIRROR_TIMEOUT`]); beyond that, copies are skipped, never queued. Only requests
 //! without a body are copied, so the primary's body is never buffered for a shadow.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -69,7 +67,7 @@ impl<S> Mirror<S> {
         let Some(mirror) = req
             .extensions()
             .get::<SelectedRoute>()
-            .and_then(|r| r.0.mirror.clone())
+            .and_then(|r| r.0.mirror.as_ref())
         else {
             return;
         };
@@ -139,11 +137,10 @@ impl<S> Mirror<S> {
 impl<S> Service<HttpRequest> for Mirror<S>
 where
     S: Service<HttpRequest, Response = HttpResponse, Error = ProxyError>,
-    S::Future: Send + 'static,
 {
     type Response = HttpResponse;
     type Error = ProxyError;
-    type Future = Pin<Box<dyn Future<Output = Result<HttpResponse, ProxyError>> + Send>>;
+    type Future = S::Future;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
@@ -151,6 +148,6 @@ where
 
     fn call(&mut self, req: HttpRequest) -> Self::Future {
         self.shadow(&req);
-        Box::pin(self.inner.call(req))
+        self.inner.call(req)
     }
 }

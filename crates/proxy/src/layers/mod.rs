@@ -28,3 +28,46 @@ pub type HttpResponse = Response<Body>;
 pub type ResponseFuture = std::pin::Pin<
     Box<dyn std::future::Future<Output = Result<HttpResponse, crate::error::ProxyError>> + Send>,
 >;
+
+pin_project_lite::pin_project! {
+    /// A layer's future: the inner service's own future when the layer has nothing to do for
+    /// a request (no allocation on that path), or a boxed one when it does.
+    #[project = MaybeBoxedProj]
+    pub enum MaybeBoxed<F> {
+        Direct { #[pin] inner: F },
+        Boxed { inner: ResponseFuture },
+    }
+}
+
+impl<F> MaybeBoxed<F> {
+    pub fn direct(inner: F) -> Self {
+        Self::Direct { inner }
+    }
+
+    pub fn boxed(
+        inner: impl std::future::Future<Output = Result<HttpResponse, crate::error::ProxyError>>
+        + Send
+        + 'static,
+    ) -> Self {
+        Self::Boxed {
+            inner: Box::pin(inner),
+        }
+    }
+}
+
+impl<F> std::future::Future for MaybeBoxed<F>
+where
+    F: std::future::Future<Output = Result<HttpResponse, crate::error::ProxyError>>,
+{
+    type Output = Result<HttpResponse, crate::error::ProxyError>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match self.project() {
+            MaybeBoxedProj::Direct { inner } => inner.poll(cx),
+            MaybeBoxedProj::Boxed { inner } => inner.as_mut().poll(cx),
+        }
+    }
+}

@@ -11,8 +11,6 @@
 //! body is never retried. Retried requests carry `x-trellis-retry-attempt: N`; the backoff
 //! between tries doubles from the route's `backoff`, with full jitter.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Mutex;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -23,7 +21,7 @@ use tokio::time::Instant;
 use tower::{Layer, Service};
 use trellis_core::policy::{self, MAX_REPLAY_BODY, MAX_RETRY_BACKOFF, RetryPolicy};
 
-use super::{HttpRequest, HttpResponse, ResponseFuture};
+use super::{HttpRequest, HttpResponse, MaybeBoxed, ResponseFuture};
 use crate::body;
 use crate::error::ProxyError;
 use crate::http::RequestMeta;
@@ -200,38 +198,43 @@ where
 {
     type Response = HttpResponse;
     type Error = ProxyError;
-    type Future = Pin<Box<dyn Future<Output = Result<HttpResponse, ProxyError>> + Send>>;
+    type Future = MaybeBoxed<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: HttpRequest) -> Self::Future {
+        let Some(dest) = backend_of(&req) else {
+            return MaybeBoxed::direct(self.inner.call(req));
+        };
+        dest.retry_budget.deposit();
+        // Without a route `retry`, nothing is copied: a request that never reached an
+        // endpoint is re-picked inside `Forward`, which still holds it.
+        let rule = req
+            .extensions()
+            .get::<SelectedRoute>()
+            .filter(|r| r.0.retry.is_some())
+            .map(|r| r.0.clone());
         let too_large = req
             .headers()
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
             .is_some_and(|n| n > MAX_REPLAY_BODY);
-        let dest = backend_of(&req);
-        let (Some(dest), false, false) = (
-            dest,
-            too_large,
-            req.method() == http::Method::CONNECT || crate::http::headers::is_upgrade(&req),
-        ) else {
-            return Box::pin(self.inner.call(req));
+        let tunnel =
+            req.method() == http::Method::CONNECT || crate::http::headers::is_upgrade(&req);
+        let (Some(rule), false, false) = (rule, too_large, tunnel) else {
+            return MaybeBoxed::direct(self.inner.call(req));
         };
-        let rule = req.extensions().get::<SelectedRoute>().map(|r| r.0.clone());
+        let dest = dest.clone();
         let mut inner = self.inner.clone();
         let metrics = self.metrics.clone();
-        Box::pin(async move {
-            static CONNECT_ONLY: std::sync::LazyLock<RetryPolicy> =
-                std::sync::LazyLock::new(RetryPolicy::connect_only);
-            let policy = rule
-                .as_ref()
-                .and_then(|r| r.retry.as_ref())
-                .unwrap_or(&CONNECT_ONLY);
+        MaybeBoxed::boxed(async move {
+            let Some(policy) = rule.retry.as_ref() else {
+                let call: ResponseFuture = Box::pin(inner.call(req));
+                return call.await;
+            };
             let idempotent = policy::is_idempotent(req.method().as_str()) || policy.non_idempotent;
-            dest.retry_budget.deposit();
 
             let (parts, original) = req.into_parts();
             let (first, replay) = ReplayBody::new(original, MAX_REPLAY_BODY);
