@@ -51,14 +51,31 @@ impl Client {
     }
 
     async fn call(&mut self, host: &str, path: &str, headers: &[(&str, &str)]) -> Answer {
+        self.send("GET", host, path, headers, "").await
+    }
+
+    async fn send(
+        &mut self,
+        method: &str,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &'static str,
+    ) -> Answer {
         self.sender.ready().await.unwrap();
-        let mut req = http::Request::get(path).header("host", host);
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", host);
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
         let rsp = self
             .sender
-            .send_request(req.body(Full::new(Bytes::new())).unwrap())
+            .send_request(
+                req.body(Full::new(Bytes::from_static(body.as_bytes())))
+                    .unwrap(),
+            )
             .await
             .unwrap();
         let header = |name: &str| {

@@ -81,9 +81,20 @@ fn latency_histogram() -> Histogram {
     ])
 }
 
-/// All proxy metrics. Cheap to clone (every family is an `Arc` inside).
+/// All proxy metrics. Cloning is one reference-count increment (layers hold one per request),
+/// and fields are reached through `Deref`.
 #[derive(Clone)]
-pub struct Metrics {
+pub struct Metrics(Arc<MetricFamilies>);
+
+impl std::ops::Deref for Metrics {
+    type Target = MetricFamilies;
+    fn deref(&self) -> &MetricFamilies {
+        &self.0
+    }
+}
+
+/// The metric families (see [`Metrics`]).
+pub struct MetricFamilies {
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_duration: Family<HttpLatencyLabels, Histogram, fn() -> Histogram>,
     pub tcp_opened: Family<TcpLabels, Counter>,
@@ -167,7 +178,7 @@ pub struct AuthzLabels {
 impl Metrics {
     /// Creates the metrics and registers them under `trellis_` in `registry`.
     pub fn new(registry: &mut Registry) -> Self {
-        let m = Self {
+        let m = MetricFamilies {
             http_requests: Family::default(),
             http_duration: Family::new_with_constructor(latency_histogram),
             tcp_opened: Family::default(),
@@ -278,7 +289,7 @@ impl Metrics {
             "Copies of requests sent to mirror services, by outcome",
             m.mirrored.clone(),
         );
-        m
+        Self(Arc::new(m))
     }
 
     /// A throwaway instance for tests of single layers.

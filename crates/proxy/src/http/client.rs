@@ -210,6 +210,17 @@ impl H2Pool {
         if let Some(s) = slot.ready_sender() {
             return Ok(s);
         }
+        // Boxed: the dial (TCP, mTLS, HTTP/2 handshake) is a large future that only new
+        // connections need; inline, every request's future would carry (and copy) it.
+        Box::pin(self.dial(slot, addr, peer)).await
+    }
+
+    async fn dial(
+        &self,
+        slot: Arc<Slot>,
+        addr: SocketAddr,
+        peer: Peer<'_>,
+    ) -> Result<http2::SendRequest<Body>, ProxyError> {
         let _dialing = slot.connecting.lock().await;
         if let Some(s) = slot.ready_sender() {
             return Ok(s);
