@@ -37,6 +37,15 @@ use crate::tcp::{BoxedIo, TcpFlow};
 #[derive(Debug, Clone)]
 pub struct Backend(pub Arc<DestinationState>);
 
+/// Response extension on 5xx and 429 answers: the endpoint that gave it, so a retry can
+/// prefer another one (set only on those, to keep successful responses allocation-free).
+#[derive(Debug, Clone, Copy)]
+pub struct AnsweredBy(pub std::net::SocketAddr);
+
+/// Request extension on a retry: the endpoint to avoid if another is available.
+#[derive(Debug, Clone, Copy)]
+pub struct AvoidEndpoint(pub std::net::SocketAddr);
+
 /// Extension: the route rule that matched (retry, per-try timeout, filters).
 #[derive(Debug, Clone)]
 pub struct SelectedRoute(pub Arc<RouteRule>);
@@ -180,6 +189,14 @@ impl Forward {
             });
         }
         let (mut endpoint, mut in_flight) = backend.pick()?;
+        if let Some(AvoidEndpoint(avoid)) = req.extensions().get::<AvoidEndpoint>().copied() {
+            for _ in 0..2 {
+                if endpoint.address != avoid {
+                    break;
+                }
+                (endpoint, in_flight) = backend.pick()?;
+            }
+        }
         let per_try = req
             .extensions_mut()
             .remove::<SelectedRoute>()
@@ -339,6 +356,9 @@ impl Forward {
             self.record(&backend, &endpoint, &in_flight, outcome);
         }
         let mut rsp = result?;
+        if rsp.status().is_server_error() || rsp.status() == http::StatusCode::TOO_MANY_REQUESTS {
+            rsp.extensions_mut().insert(AnsweredBy(endpoint.address));
+        }
         headers::strip_hop_by_hop(rsp.headers_mut());
         Ok(rsp.map(body::boxed))
     }

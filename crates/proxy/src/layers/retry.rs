@@ -26,7 +26,7 @@ use crate::body;
 use crate::error::ProxyError;
 use crate::http::RequestMeta;
 use crate::http::destinations::random_below;
-use crate::http::outbound::{SelectedRoute, backend_of};
+use crate::http::outbound::{AnsweredBy, AvoidEndpoint, SelectedRoute, backend_of};
 use crate::http::replay::ReplayBody;
 use crate::metrics::{Label, Metrics, RetryLabels};
 
@@ -280,6 +280,10 @@ where
                 }
                 retries += 1;
                 metrics.retries.get_or_create(&labels("retried")).inc();
+                let avoid = result
+                    .as_ref()
+                    .ok()
+                    .and_then(|r| r.extensions().get::<AnsweredBy>().copied());
                 tracing::debug!(dst = %dest.name, reason, retry = retries, "retrying request");
                 drop(result);
                 tokio::time::sleep(backoff(policy.backoff, retries)).await;
@@ -292,6 +296,9 @@ where
                 next_req
                     .headers_mut()
                     .insert(RETRY_ATTEMPT, HeaderValue::from(retries));
+                if let Some(AnsweredBy(addr)) = avoid {
+                    next_req.extensions_mut().insert(AvoidEndpoint(addr));
+                }
                 attempt_req = next_req;
             }
         })
