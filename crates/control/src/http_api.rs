@@ -574,29 +574,19 @@ fn control_plane_view(
         return json!({"destination": dst.as_str(), "error": format!("no service is known for {:?}", dst.as_str())});
     };
     let rule = q.select(&routes).cloned();
-    let weights: Vec<(String, u32)> = match &rule {
-        Some(r) if !r.backends.is_empty() => r
-            .backends
-            .iter()
-            .map(|b| (b.service.to_string(), b.weight))
-            .collect(),
-        _ => vec![(dst.to_string(), 1)],
-    };
-    let total: u32 = weights.iter().map(|(_, w)| w).sum();
-    let backends: Vec<serde_json::Value> = weights
+    let backends: Vec<serde_json::Value> =
+        trellis_core::explain::backend_shares(rule.as_ref(), dst)
         .into_iter()
-        .map(|(name, weight)| {
-            let found = trellis_core::names::ServiceName::new(name.as_str())
-                .ok()
-                .and_then(|s| st.hub.destination_view(&s));
+        .map(|(name, weight, share)| {
+            let found = st.hub.destination_view(&name);
             let (policy, endpoints) = match found {
                 Some((_, p, eps)) => (json!(p), eps),
                 None => (serde_json::Value::Null, Vec::new()),
             };
             json!({
-                "service": name,
+                "service": name.as_str(),
                 "weight": weight,
-                "sharePercent": if total == 0 { 0.0 } else { f64::from(weight) * 100.0 / f64::from(total) },
+                "sharePercent": share,
                 "policy": policy,
                 "endpoints": endpoints.iter().map(|e| json!({"address": e.address, "zone": e.zone, "instance": e.instance_id, "state": "unknown"})).collect::<Vec<_>>(),
             })

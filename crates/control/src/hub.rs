@@ -500,16 +500,8 @@ impl Hub {
                     }
                 }
                 Spec::AuthorizationPolicy(spec) if spec.target_ref.kind == "Service" => {
-                    let ns = spec
-                        .target_ref
-                        .namespace
-                        .as_deref()
-                        .unwrap_or(r.metadata.namespace.as_str());
-                    if let (Ok(ns), Ok(svc)) = (
-                        Namespace::new(ns),
-                        ServiceName::new(spec.target_ref.name.as_str()),
-                    ) {
-                        policies.entry((ns, svc)).or_default().push(InboundPolicy {
+                    if let Some(key) = target(r, &spec.target_ref) {
+                        policies.entry(key).or_default().push(InboundPolicy {
                             name: r.metadata.name.clone(),
                             namespace: r.metadata.namespace.clone(),
                             action: spec.action,

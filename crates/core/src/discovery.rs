@@ -71,7 +71,8 @@ pub struct RouteRule {
     pub backends: Vec<WeightedBackend>,
     pub request_timeout: Option<Duration>,
     pub backend_timeout: Option<Duration>,
-    /// `None`: only connection failures are retried (see [`RetryPolicy::connect_only`]).
+    /// `None`: only requests that never reached an endpoint are tried again (by the proxy's
+    /// forwarding, once, on another endpoint).
     pub retry: Option<RetryPolicy>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_headers: Option<HeaderModifier>,

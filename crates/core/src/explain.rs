@@ -4,6 +4,7 @@
 //! question.
 
 use crate::discovery::{Headers, RequestFacts, RouteRule, RouteTable};
+use crate::names::ServiceName;
 
 /// What to explain: a request as the app would send it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,6 +130,34 @@ impl ExplainQuery {
             .split_once('?')
             .map_or(self.path.as_str(), |(p, _)| p)
     }
+}
+
+/// Where a matched rule (or, with none, the destination itself) sends calls: each backend
+/// with its weight and its share of traffic in percent.
+pub fn backend_shares(
+    rule: Option<&RouteRule>,
+    destination: &ServiceName,
+) -> Vec<(ServiceName, u32, f64)> {
+    let weights: Vec<(ServiceName, u32)> = match rule {
+        Some(r) if !r.backends.is_empty() => r
+            .backends
+            .iter()
+            .map(|b| (b.service.clone(), b.weight))
+            .collect(),
+        _ => vec![(destination.clone(), 1)],
+    };
+    let total: u32 = weights.iter().map(|(_, w)| w).sum();
+    weights
+        .into_iter()
+        .map(|(service, weight)| {
+            let share = if total == 0 {
+                0.0
+            } else {
+                f64::from(weight) * 100.0 / f64::from(total)
+            };
+            (service, weight, share)
+        })
+        .collect()
 }
 
 /// Percent-encodes everything but unreserved characters.

@@ -209,17 +209,6 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// Without a route `retry`: one more try when the request never reached an endpoint
-    /// (connection refused or timed out), which is safe for every method.
-    pub fn connect_only() -> Self {
-        Self {
-            codes: Vec::new(),
-            attempts: 1,
-            backoff: Duration::ZERO,
-            non_idempotent: false,
-        }
-    }
-
     /// From a route's (validated) `retry`.
     pub fn from_spec(r: &Retry) -> Self {
         Self {

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 pub use trellis_core::explain::ExplainQuery;
+use trellis_core::explain::backend_shares;
 
 use crate::http::destinations::{Destinations, Target};
 
@@ -24,21 +25,12 @@ pub async fn explain(destinations: &Destinations, q: &ExplainQuery) -> serde_jso
     };
     let snap = dest.known(DISCOVERY_WAIT).await;
     let rule = q.select(&snap.routes).cloned();
-    let weights: Vec<(String, u32)> = match &rule {
-        Some(r) if !r.backends.is_empty() => r
-            .backends
-            .iter()
-            .map(|b| (b.service.to_string(), b.weight))
-            .collect(),
-        _ => vec![(dest.name.to_string(), 1)],
-    };
-    let total: u32 = weights.iter().map(|(_, w)| w).sum();
     let mut backends = Vec::new();
-    for (name, weight) in weights {
-        let state = if name == dest.name.as_str() {
+    for (name, weight, share) in backend_shares(rule.as_ref(), &dest.name) {
+        let state = if name == dest.name {
             Some(dest.clone())
         } else {
-            destinations.get_or_discover(&name)
+            destinations.get_or_discover(name.as_str())
         };
         let mut view = match state {
             Some(s) => {
@@ -48,17 +40,9 @@ pub async fn explain(destinations: &Destinations, q: &ExplainQuery) -> serde_jso
             None => serde_json::json!({"error": "not tracked"}),
         };
         if let Some(obj) = view.as_object_mut() {
-            obj.insert("service".into(), name.into());
+            obj.insert("service".into(), name.as_str().into());
             obj.insert("weight".into(), weight.into());
-            obj.insert(
-                "sharePercent".into(),
-                if total == 0 {
-                    0.0
-                } else {
-                    f64::from(weight) * 100.0 / f64::from(total)
-                }
-                .into(),
-            );
+            obj.insert("sharePercent".into(), share.into());
             // Routes belong to the destination, not to each backend.
             obj.remove("routes");
         }

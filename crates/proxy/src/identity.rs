@@ -156,6 +156,19 @@ pub struct InboundPolicy {
     pub rate_limits: Vec<trellis_core::policy::InboundRateLimit>,
 }
 
+impl InboundPolicy {
+    /// The route (rule name) of this service a request matches, for route-scoped policies.
+    pub fn route_of<B>(&self, req: &http::Request<B>) -> Option<&str> {
+        let facts = trellis_core::discovery::RequestFacts {
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            query: req.uri().query(),
+            headers: &crate::http::headers::RequestHeaders(req.headers()),
+        };
+        self.routes.select(&facts).map(|r| r.name.as_str())
+    }
+}
+
 /// The current [`InboundPolicy`], replaced whole on every update.
 #[derive(Default)]
 pub struct InboundPolicyCell(RwLock<Arc<InboundPolicy>>);

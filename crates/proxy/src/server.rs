@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tower::ServiceExt;
 use trellis_core::ProtocolHint;
-use trellis_core::discovery::{Headers, RequestFacts};
+use trellis_core::discovery::RequestFacts;
 use trellis_core::resources::MtlsMode;
 
 use crate::access_log::AccessLog;
@@ -24,7 +24,7 @@ use crate::drain::Drain;
 use crate::head::{HeadCheck, check_request_head};
 use crate::http::client::{self, Clients};
 use crate::http::destinations::{DestinationState, Destinations, Target, choose_backend};
-use crate::http::headers;
+use crate::http::headers::{self, RequestHeaders};
 use crate::http::outbound::{Backend, DISCOVERY_TIMEOUT, SelectedRoute, open_tcp};
 use crate::http::outlier::Outcome;
 use crate::http::stack::HttpStack;
@@ -323,15 +323,6 @@ async fn read_first_head(
             Ok(Ok(0)) | Ok(Err(_)) => return Err((StatusCode::BAD_REQUEST, "incomplete-request")),
             Ok(Ok(_)) => {}
         }
-    }
-}
-
-/// Header lookup for route matching.
-struct RequestHeaders<'a>(&'a http::HeaderMap);
-
-impl Headers for RequestHeaders<'_> {
-    fn get(&self, name: &str) -> Option<&str> {
-        self.0.get(name).and_then(|v| v.to_str().ok())
     }
 }
 

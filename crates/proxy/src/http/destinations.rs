@@ -61,6 +61,27 @@ pub struct Snapshot {
     pub instances: BTreeMap<String, DiscoveredEndpoint>,
 }
 
+impl Snapshot {
+    /// Loads for a new endpoint set: endpoints that stay (same address) keep what was learned
+    /// about them (latency, in flight, health); new ones start fresh.
+    fn carry_loads(&self, endpoints: &[Endpoint]) -> Arc<[Arc<EndpointLoad>]> {
+        let known: HashMap<std::net::SocketAddr, &Arc<EndpointLoad>> = self
+            .endpoints
+            .iter()
+            .zip(self.loads.iter())
+            .map(|(e, l)| (e.address, l))
+            .collect();
+        endpoints
+            .iter()
+            .map(|e| {
+                known
+                    .get(&e.address)
+                    .map_or_else(Arc::default, |l| Arc::clone(l))
+            })
+            .collect()
+    }
+}
+
 /// One destination service.
 #[derive(Debug)]
 pub struct DestinationState {
@@ -194,6 +215,22 @@ impl DestinationState {
         Ok((snap.endpoints[i].clone(), in_flight))
     }
 
+    /// Like [`DestinationState::pick`], preferring an endpoint other than `avoid` (a retry
+    /// after it failed) when another is available: a couple of extra draws, no list building.
+    pub fn pick_avoiding(
+        &self,
+        avoid: std::net::SocketAddr,
+    ) -> Result<(Endpoint, InFlight), ProxyError> {
+        let mut picked = self.pick()?;
+        for _ in 0..2 {
+            if picked.0.address != avoid {
+                break;
+            }
+            picked = self.pick()?;
+        }
+        Ok(picked)
+    }
+
     /// Feeds a request's outcome to its endpoint's outlier detection.
     pub fn record(&self, in_flight: &InFlight, outcome: Outcome) -> Transition {
         let health = &in_flight.load().health;
@@ -216,7 +253,7 @@ impl DestinationState {
         in_flight
             .load()
             .health
-            .record(outcome, policy, || may_eject, Instant::now())
+            .record(outcome, policy, may_eject, Instant::now())
     }
 
     /// Applies an update from the control plane.
@@ -248,21 +285,7 @@ impl DestinationState {
                 })
                 .collect()
         };
-        // Endpoints that stay keep what was learned about them.
-        let known: HashMap<std::net::SocketAddr, &Arc<EndpointLoad>> = old
-            .endpoints
-            .iter()
-            .zip(old.loads.iter())
-            .map(|(e, l)| (e.address, l))
-            .collect();
-        let loads = endpoints
-            .iter()
-            .map(|e| {
-                known
-                    .get(&e.address)
-                    .map_or_else(Arc::default, |l| Arc::clone(l))
-            })
-            .collect();
+        let loads = old.carry_loads(&endpoints);
         let meta = if external {
             old.meta.clone()
         } else {
@@ -337,20 +360,7 @@ impl DestinationState {
         if old.external.is_none() {
             return;
         }
-        let known: HashMap<std::net::SocketAddr, &Arc<EndpointLoad>> = old
-            .endpoints
-            .iter()
-            .zip(old.loads.iter())
-            .map(|(e, l)| (e.address, l))
-            .collect();
-        let loads = endpoints
-            .iter()
-            .map(|e| {
-                known
-                    .get(&e.address)
-                    .map_or_else(Arc::default, |l| Arc::clone(l))
-            })
-            .collect();
+        let loads = old.carry_loads(&endpoints);
         let meta = endpoints.iter().map(|_| EndpointMeta::default()).collect();
         let mut next = (*old).clone();
         next.endpoints = endpoints.into();

@@ -83,6 +83,15 @@ pub fn is_grpc<B>(req: &Request<B>) -> bool {
         .is_some_and(|ct| ct.starts_with("application/grpc"))
 }
 
+/// Header lookup for the core's route matching (`trellis_core::discovery::Headers`).
+pub struct RequestHeaders<'a>(pub &'a http::HeaderMap);
+
+impl trellis_core::discovery::Headers for RequestHeaders<'_> {
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

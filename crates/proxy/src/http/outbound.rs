@@ -188,15 +188,10 @@ impl Forward {
                 authority: backend.name.to_string(),
             });
         }
-        let (mut endpoint, mut in_flight) = backend.pick()?;
-        if let Some(AvoidEndpoint(avoid)) = req.extensions().get::<AvoidEndpoint>().copied() {
-            for _ in 0..2 {
-                if endpoint.address != avoid {
-                    break;
-                }
-                (endpoint, in_flight) = backend.pick()?;
-            }
-        }
+        let (mut endpoint, mut in_flight) = match req.extensions().get::<AvoidEndpoint>() {
+            Some(AvoidEndpoint(avoid)) => backend.pick_avoiding(*avoid)?,
+            None => backend.pick()?,
+        };
         let per_try = req
             .extensions_mut()
             .remove::<SelectedRoute>()
@@ -280,15 +275,7 @@ impl Forward {
                         }
                         repicked = true;
                         self.count_retry(&backend, &req, "connect-failed");
-                        let failed = endpoint.address;
-                        (endpoint, in_flight) = backend.pick()?;
-                        // Prefer another endpoint than the one that just refused.
-                        for _ in 0..2 {
-                            if endpoint.address != failed {
-                                break;
-                            }
-                            (endpoint, in_flight) = backend.pick()?;
-                        }
+                        (endpoint, in_flight) = backend.pick_avoiding(endpoint.address)?;
                     }
                 }
             }

@@ -179,7 +179,7 @@ impl Health {
         &self,
         outcome: Outcome,
         policy: &OutlierDetection,
-        may_eject: impl FnOnce() -> bool,
+        may_eject: bool,
         now: Instant,
     ) -> Transition {
         if outcome == Outcome::Success && self.is_pristine() {
@@ -206,7 +206,7 @@ impl Health {
                 }
                 // A failed probe re-ejects regardless of the percentage: the endpoint was
                 // already counted as ejected.
-                if !half_open && !may_eject() {
+                if !half_open && !may_eject {
                     return Transition::EjectionRefused;
                 }
                 let duration = ejection_time(policy, s.ejections);
@@ -270,7 +270,7 @@ impl Health {
 
     #[cfg(test)]
     pub fn eject_for_test(&self, policy: &OutlierDetection, now: Instant) {
-        self.record(Outcome::Failure("test"), policy, || true, now);
+        self.record(Outcome::Failure("test"), policy, true, now);
     }
 }
 
@@ -302,16 +302,13 @@ mod tests {
         let p = policy();
         let t0 = Instant::now();
         let fail = Outcome::Failure("connect-failed");
-        assert_eq!(h.record(fail, &p, || true, t0), Transition::None);
-        assert_eq!(
-            h.record(Outcome::Success, &p, || true, t0),
-            Transition::None
-        );
+        assert_eq!(h.record(fail, &p, true, t0), Transition::None);
+        assert_eq!(h.record(Outcome::Success, &p, true, t0), Transition::None);
         for _ in 0..2 {
-            assert_eq!(h.record(fail, &p, || true, t0), Transition::None);
+            assert_eq!(h.record(fail, &p, true, t0), Transition::None);
         }
         assert_eq!(
-            h.record(fail, &p, || true, t0),
+            h.record(fail, &p, true, t0),
             Transition::Ejected {
                 duration: Duration::from_secs(1)
             }
@@ -325,7 +322,7 @@ mod tests {
         assert!(!h.available(t1));
         // The probe fails: ejected again for twice as long.
         assert_eq!(
-            h.record(fail, &p, || false, t1),
+            h.record(fail, &p, false, t1),
             Transition::Ejected {
                 duration: Duration::from_secs(2)
             }
@@ -333,7 +330,7 @@ mod tests {
         let t2 = t1 + Duration::from_secs(2);
         assert!(h.available(t2) && h.begin());
         assert_eq!(
-            h.record(Outcome::Success, &p, || true, t2),
+            h.record(Outcome::Success, &p, true, t2),
             Transition::Recovered
         );
         assert!(h.available(t2));
@@ -346,7 +343,7 @@ mod tests {
         let p = policy();
         let t0 = Instant::now();
         for _ in 0..3 {
-            h.record(Outcome::Failure("5xx"), &p, || false, t0);
+            h.record(Outcome::Failure("5xx"), &p, false, t0);
         }
         assert!(h.available(t0), "refused ejection keeps it in rotation");
         assert_eq!(ejection_time(&p, 10), Duration::from_secs(5));
@@ -361,7 +358,7 @@ mod tests {
             ..policy()
         };
         let t0 = Instant::now();
-        h.record(Outcome::Failure("5xx"), &p, || true, t0);
+        h.record(Outcome::Failure("5xx"), &p, true, t0);
         let t1 = t0 + Duration::from_secs(1);
         assert!(h.available(t1) && h.begin());
         h.probe_abandoned();

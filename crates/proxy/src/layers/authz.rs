@@ -13,7 +13,6 @@ use std::task::{Context, Poll};
 use http::{HeaderValue, Method};
 use tower::{Layer, Service};
 use trellis_core::authz::{AuthzRequest, authorize};
-use trellis_core::discovery::{Headers, RequestFacts};
 use trellis_core::identity::SpiffeId;
 
 use super::{HttpRequest, HttpResponse};
@@ -79,14 +78,6 @@ pub struct Authorize<S> {
     layer: AuthorizeLayer,
 }
 
-struct RequestHeaders<'a>(&'a http::HeaderMap);
-
-impl Headers for RequestHeaders<'_> {
-    fn get(&self, name: &str) -> Option<&str> {
-        self.0.get(name).and_then(|v| v.to_str().ok())
-    }
-}
-
 impl<S> Service<HttpRequest> for Authorize<S>
 where
     S: Service<HttpRequest, Response = HttpResponse, Error = ProxyError>,
@@ -107,20 +98,7 @@ where
             .and_then(|p| p.0.clone());
         let policy = self.layer.policy.current();
         let tunnel = req.method() == Method::CONNECT;
-        let route = (!tunnel)
-            .then(|| {
-                let facts = RequestFacts {
-                    method: req.method().as_str(),
-                    path: req.uri().path(),
-                    query: req.uri().query(),
-                    headers: &RequestHeaders(req.headers()),
-                };
-                policy
-                    .routes
-                    .select_index(&facts)
-                    .map(|i| policy.routes.rules[i].name.as_str())
-            })
-            .flatten();
+        let route = (!tunnel).then(|| policy.route_of(&req)).flatten();
         let decision = authorize(
             &policy.policies,
             policy.default_policy,

@@ -11,7 +11,6 @@ use std::task::{Context, Poll};
 
 use tokio::time::Instant;
 use tower::{Layer, Service};
-use trellis_core::discovery::{Headers, RequestFacts};
 use trellis_core::policy::{InboundRateLimit, RateLimit};
 
 use super::authz::PeerIdentity;
@@ -182,14 +181,6 @@ pub struct RateLimited<S> {
     layer: RateLimitLayer,
 }
 
-struct RequestHeaders<'a>(&'a http::HeaderMap);
-
-impl Headers for RequestHeaders<'_> {
-    fn get(&self, name: &str) -> Option<&str> {
-        self.0.get(name).and_then(|v| v.to_str().ok())
-    }
-}
-
 impl<S> Service<HttpRequest> for RateLimited<S>
 where
     S: Service<HttpRequest, Response = HttpResponse, Error = ProxyError>,
@@ -212,18 +203,7 @@ where
             .rate_limits
             .iter()
             .any(|l| l.route.is_some())
-            .then(|| {
-                let facts = RequestFacts {
-                    method: req.method().as_str(),
-                    path: req.uri().path(),
-                    query: req.uri().query(),
-                    headers: &RequestHeaders(req.headers()),
-                };
-                policy
-                    .routes
-                    .select_index(&facts)
-                    .map(|i| policy.routes.rules[i].name.as_str())
-            })
+            .then(|| policy.route_of(&req))
             .flatten();
         let caller = req
             .extensions()

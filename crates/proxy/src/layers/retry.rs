@@ -211,11 +211,10 @@ where
         dest.retry_budget.deposit();
         // Without a route `retry`, nothing is copied: a request that never reached an
         // endpoint is re-picked inside `Forward`, which still holds it.
-        let rule = req
+        let policy = req
             .extensions()
             .get::<SelectedRoute>()
-            .filter(|r| r.0.retry.is_some())
-            .map(|r| r.0.clone());
+            .and_then(|r| r.0.retry.clone());
         let too_large = req
             .headers()
             .get(http::header::CONTENT_LENGTH)
@@ -223,17 +222,13 @@ where
             .is_some_and(|n| n > MAX_REPLAY_BODY);
         let tunnel =
             req.method() == http::Method::CONNECT || crate::http::headers::is_upgrade(&req);
-        let (Some(rule), false, false) = (rule, too_large, tunnel) else {
+        let (Some(policy), false, false) = (policy, too_large, tunnel) else {
             return MaybeBoxed::direct(self.inner.call(req));
         };
         let dest = dest.clone();
         let mut inner = self.inner.clone();
         let metrics = self.metrics.clone();
         MaybeBoxed::boxed(async move {
-            let Some(policy) = rule.retry.as_ref() else {
-                let call: ResponseFuture = Box::pin(inner.call(req));
-                return call.await;
-            };
             let idempotent = policy::is_idempotent(req.method().as_str()) || policy.non_idempotent;
 
             let (parts, original) = req.into_parts();
@@ -250,7 +245,7 @@ where
             loop {
                 let call: ResponseFuture = Box::pin(inner.call(attempt_req));
                 let result = call.await;
-                let Some(reason) = retry_reason(&result, policy, idempotent) else {
+                let Some(reason) = retry_reason(&result, &policy, idempotent) else {
                     return result;
                 };
                 if retries >= policy.attempts {
@@ -328,8 +323,13 @@ mod tests {
     }
 
     #[test]
-    fn only_safe_failures_are_retried_by_default() {
-        let p = RetryPolicy::connect_only();
+    fn only_safe_failures_are_retried_without_codes() {
+        let p = RetryPolicy {
+            codes: Vec::new(),
+            attempts: 1,
+            backoff: Duration::ZERO,
+            non_idempotent: false,
+        };
         let refused: Result<HttpResponse, _> = Err(ProxyError::ConnectFailed {
             addr: ([127, 0, 0, 1], 1).into(),
             source: std::io::ErrorKind::ConnectionRefused.into(),
@@ -343,7 +343,7 @@ mod tests {
         assert_eq!(retry_reason(&unavailable, &p, true), None);
         let route = RetryPolicy {
             codes: vec![503],
-            ..RetryPolicy::connect_only()
+            ..p.clone()
         };
         assert_eq!(retry_reason(&unavailable, &route, true), Some("status"));
         assert_eq!(retry_reason(&unavailable, &route, false), None, "POST");
