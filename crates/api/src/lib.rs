@@ -17,7 +17,8 @@ use trellis_core::policy::{
 };
 use trellis_core::resources::{
     AppProtocol, AuthzAction, AuthzRule, AuthzSource, AuthzTarget, DefaultPolicy, ExternalTls,
-    HeaderModifier, HeaderValuePair, LoadBalancer, MeshConfigSpec, MtlsMode, TracingConfig,
+    HeaderModifier, HeaderValuePair, LoadBalancer, MeshConfigSpec, MetricsConfig, MtlsMode,
+    OtlpProtocol, TracingConfig,
 };
 
 pub mod tls;
@@ -26,6 +27,14 @@ pub mod tls;
 pub mod pb {
     tonic::include_proto!("trellis.control.v1");
 }
+
+/// OTLP trace export messages and service (a subset of opentelemetry-proto, wire-compatible).
+#[allow(clippy::all, unreachable_pub, missing_docs)]
+pub mod otlp {
+    tonic::include_proto!("opentelemetry.proto.collector.trace.v1");
+}
+
+pub mod signals;
 
 /// A message that does not describe a valid value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -674,6 +683,18 @@ impl From<&MeshConfigSpec> for pb::MeshConfig {
                 .and_then(|t| t.otlp_endpoint.clone())
                 .unwrap_or_default(),
             access_log: m.access_log.unwrap_or(false),
+            access_log_services: m.access_log_services.clone(),
+            otlp_protocol: match m.tracing.as_ref().map(|t| t.protocol) {
+                Some(OtlpProtocol::HttpProtobuf) => "http/protobuf",
+                _ => "grpc",
+            }
+            .into(),
+            max_routes_per_service: m
+                .metrics
+                .as_ref()
+                .and_then(|x| x.max_routes_per_service)
+                .unwrap_or(0),
+            max_paths: m.metrics.as_ref().and_then(|x| x.max_paths).unwrap_or(0),
         }
     }
 }
@@ -696,9 +717,19 @@ impl TryFrom<pb::MeshConfig> for MeshConfigSpec {
             tracing: Some(TracingConfig {
                 sampling: m.tracing_sampling.clamp(0.0, 1.0),
                 otlp_endpoint: (!m.otlp_endpoint.is_empty()).then_some(m.otlp_endpoint),
+                protocol: match m.otlp_protocol.as_str() {
+                    "grpc" | "" => OtlpProtocol::Grpc,
+                    "http/protobuf" => OtlpProtocol::HttpProtobuf,
+                    other => return Err(err("mesh_config.otlp_protocol", format!("{other:?}"))),
+                },
             }),
             access_log: Some(m.access_log),
-            metrics: None,
+            access_log_services: m.access_log_services,
+            metrics: Some(MetricsConfig {
+                max_routes_per_service: (m.max_routes_per_service > 0)
+                    .then_some(m.max_routes_per_service),
+                max_paths: (m.max_paths > 0).then_some(m.max_paths),
+            }),
         })
     }
 }

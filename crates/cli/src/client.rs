@@ -155,6 +155,72 @@ impl ApiClient {
     }
 }
 
+impl ApiClient {
+    /// Streams a newline-delimited response, calling `on_line` for each non-empty line until
+    /// it returns false, the server ends the stream, or Ctrl-C.
+    pub(crate) async fn stream_lines(
+        &self,
+        path: &str,
+        mut on_line: impl FnMut(&str) -> bool,
+    ) -> Result<(), ClientError> {
+        use http_body_util::BodyExt;
+        let uri = format!("{}{path}", self.base);
+        let mut req = http::Request::builder().method(http::Method::GET).uri(&uri);
+        if let Some(token) = &self.admin_token {
+            req = req.header("authorization", format!("Bearer {token}"));
+        }
+        let req = req
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| ClientError::Other(format!("{uri}: {e}")))?;
+        let rsp = self
+            .http
+            .request(req)
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                base: self.base.clone(),
+                reason: root_cause(&e),
+            })?;
+        let status = rsp.status();
+        let mut body = rsp.into_body();
+        if !status.is_success() {
+            let bytes = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            return Err(ClientError::Other(format!(
+                "{path}: {status} {}",
+                String::from_utf8_lossy(&bytes).trim()
+            )));
+        }
+        let mut pending: Vec<u8> = Vec::new();
+        loop {
+            let frame = tokio::select! {
+                f = body.frame() => f,
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+            };
+            let Some(frame) = frame else { return Ok(()) };
+            let frame = frame.map_err(|e| ClientError::Other(e.to_string()))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            pending.extend_from_slice(&data);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let line = String::from_utf8_lossy(&line);
+                let line = line.trim();
+                if !line.is_empty() && !on_line(line) {
+                    return Ok(());
+                }
+            }
+            // A line longer than this is not ours.
+            if pending.len() > 1 << 20 {
+                pending.clear();
+            }
+        }
+    }
+}
+
 /// The innermost cause ("Connection refused" rather than "client error (Connect)").
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     let mut cur = e;

@@ -233,8 +233,9 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), UpError> {
         &mesh.control.admin_token,
     );
     println!("{}", mesh.table());
+    println!("Dashboard: http://{}/\n", mesh.control.http_addr);
     println!(
-        "Try, in another terminal:  trellis get services   |   trellis get routes   |   trellis get audit   |   trellis check\n"
+        "Try, in another terminal:  trellis stat   |   trellis edges   |   trellis top orders   |   trellis tap orders\n                           trellis get audit --since 10m   |   trellis explain frontend orders   |   trellis check\n"
     );
 
     // The load generator calls the frontend from inside the mesh, through a frontend proxy's

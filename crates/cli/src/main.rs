@@ -5,6 +5,7 @@
 mod client;
 mod demo;
 mod example_app;
+mod observe;
 mod resources;
 mod up;
 
@@ -42,6 +43,54 @@ enum Command {
         name: Option<String>,
         #[arg(short = 'n', long, default_value = "default")]
         namespace: String,
+        /// For `audit`: only records this recent (e.g. `10m`, `2h`).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: resources::Output,
+    },
+    /// Golden signals per service (instances, RPS, success rate, p50/p95/p99, mTLS share),
+    /// merged from the proxies' last minute; with SERVICE, also per route.
+    Stat {
+        service: Option<String>,
+        /// Window in seconds (10..300).
+        #[arg(long, default_value_t = 60)]
+        window: u32,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: resources::Output,
+    },
+    /// Golden signals per edge (caller -> callee) with the callee's verified identity.
+    Edges {
+        #[arg(long, default_value_t = 60)]
+        window: u32,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: resources::Output,
+    },
+    /// The busiest paths of a service, refreshing every 2 s.
+    Top {
+        service: String,
+        #[arg(long, default_value_t = 60)]
+        window: u32,
+        /// Print once and exit.
+        #[arg(long)]
+        once: bool,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: resources::Output,
+    },
+    /// Live requests of a service (metadata only, never bodies). Needs the admin token.
+    Tap {
+        service: String,
+        /// Only paths starting with this.
+        #[arg(long)]
+        path: Option<String>,
+        #[arg(long)]
+        method: Option<String>,
+        /// Requests per second per proxy, at most (the control plane caps it at 100).
+        #[arg(long, default_value_t = 20)]
+        rate: u32,
+        /// Exit after this many requests.
+        #[arg(long)]
+        max: Option<u64>,
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: resources::Output,
     },
@@ -224,12 +273,44 @@ fn main() -> ExitCode {
             what,
             name,
             namespace,
+            since,
             output,
         } => rt.block_on(resources::get(
             &api(),
             what,
             name.as_deref(),
             namespace,
+            since.as_deref(),
+            *output,
+        )),
+        Command::Stat {
+            service,
+            window,
+            output,
+        } => rt.block_on(observe::stat(&api(), service.as_deref(), *window, *output)),
+        Command::Edges { window, output } => rt.block_on(observe::edges(&api(), *window, *output)),
+        Command::Top {
+            service,
+            window,
+            once,
+            output,
+        } => rt.block_on(observe::top(&api(), service, *window, *once, *output)),
+        Command::Tap {
+            service,
+            path,
+            method,
+            rate,
+            max,
+            output,
+        } => rt.block_on(observe::tap(
+            &api(),
+            &observe::TapArgs {
+                service,
+                path: path.as_deref(),
+                method: method.as_deref(),
+                rate: *rate,
+                max: *max,
+            },
             *output,
         )),
         Command::Delete {

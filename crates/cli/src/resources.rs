@@ -74,7 +74,7 @@ pub(crate) async fn apply(
     Ok(ExitCode::SUCCESS)
 }
 
-fn render(value: &Value, output: Output) -> String {
+pub(crate) fn render(value: &Value, output: Output) -> String {
     match output {
         Output::Json => serde_json::to_string_pretty(value).unwrap_or_default(),
         _ => serde_saphyr::to_string(value).unwrap_or_default(),
@@ -82,7 +82,7 @@ fn render(value: &Value, output: Output) -> String {
 }
 
 /// Column-aligned table.
-fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+pub(crate) fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (i, cell) in row.iter().enumerate() {
@@ -160,6 +160,7 @@ pub(crate) async fn get(
     what: &str,
     name: Option<&str>,
     namespace: &str,
+    since: Option<&str>,
     output: Output,
 ) -> Result<ExitCode, ClientError> {
     match what.to_ascii_lowercase().as_str() {
@@ -217,9 +218,15 @@ pub(crate) async fn get(
             Ok(ExitCode::SUCCESS)
         }
         "audit" => {
-            let (_, body) = api
-                .call(Method::GET, "/api/v1/audit?limit=50", None)
-                .await?;
+            let path = match since {
+                Some(s) => format!("/api/v1/audit?limit=1000&since={s}"),
+                None => "/api/v1/audit?limit=50".to_owned(),
+            };
+            let (status, body) = api.call(Method::GET, &path, None).await?;
+            if status >= 300 {
+                eprintln!("{}", render(&body, Output::Yaml));
+                return Ok(ExitCode::from(1));
+            }
             if output != Output::Table {
                 println!("{}", render(&body, output));
                 return Ok(ExitCode::SUCCESS);

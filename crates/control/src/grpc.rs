@@ -21,6 +21,7 @@ use trellis_core::names::ServiceName;
 
 use crate::ca::{Ca, CaError};
 use crate::hub::{Hub, Push, SessionId};
+use crate::observe::Observer;
 use crate::tls_server::PeerInfo;
 use crate::tokens::Tokens;
 
@@ -32,6 +33,7 @@ pub struct ControlService {
     tokens: Arc<Tokens>,
     trust_domain: String,
     certificates_issued: Counter,
+    observer: Arc<Observer>,
 }
 
 impl ControlService {
@@ -42,6 +44,7 @@ impl ControlService {
         tokens: Arc<Tokens>,
         trust_domain: String,
         certificates_issued: Counter,
+        observer: Arc<Observer>,
     ) -> Self {
         Self {
             hub,
@@ -51,6 +54,7 @@ impl ControlService {
             tokens,
             trust_domain,
             certificates_issued,
+            observer,
         }
     }
 
@@ -131,6 +135,7 @@ impl pb::proxy_control_server::ProxyControl for ControlService {
         let peer = request.extensions().get::<PeerInfo>().cloned();
         let remote = peer.as_ref().map(|p| p.remote);
         let renewing = peer.and_then(|p| p.identity);
+        let renewing_audit = renewing.is_some();
         let req = request.into_inner();
         let (ca, tokens, td) = (
             self.ca.clone(),
@@ -172,6 +177,12 @@ impl pb::proxy_control_server::ProxyControl for ControlService {
             }
         };
         self.certificates_issued.inc();
+        self.observer.certificate_issued(
+            &identity,
+            &issued.serial,
+            issued.not_after_unix,
+            renewing_audit,
+        );
         tracing::info!(?remote, %identity, serial = %issued.serial, expires = issued.not_after_unix, "issued workload certificate");
         Ok(Response::new(pb::CertifyResponse {
             cert_chain_pem: issued.chain_pem,
@@ -214,6 +225,11 @@ impl pb::proxy_control_server::ProxyControl for ControlService {
             }
         };
 
+        let identity_label = format!(
+            "{}/{}",
+            instance.namespace.as_str(),
+            instance.service.as_str()
+        );
         let (id, mut pushes) = self.hub.open_session();
         let guard = SessionGuard {
             hub: self.hub.clone(),
@@ -248,6 +264,27 @@ impl pb::proxy_control_server::ProxyControl for ControlService {
                     Push::TrustBundle(pem) => {
                         pb::control_message::Message::TrustBundle(pb::TrustBundle { pem })
                     }
+                    Push::SignalsRequest {
+                        query_id,
+                        window_secs,
+                    } => pb::control_message::Message::SignalsRequest(pb::SignalsRequest {
+                        query_id,
+                        window_secs,
+                    }),
+                    Push::TapStart {
+                        tap_id,
+                        path_prefix,
+                        method,
+                        max_per_second,
+                    } => pb::control_message::Message::TapStart(pb::TapStart {
+                        tap_id,
+                        path_prefix,
+                        method,
+                        max_per_second,
+                    }),
+                    Push::TapStop { tap_id } => {
+                        pb::control_message::Message::TapStop(pb::TapStop { tap_id })
+                    }
                     Push::Inbound(v) => {
                         pb::control_message::Message::InboundPolicy(pb::InboundPolicy {
                             policies: v.policies.iter().map(Into::into).collect(),
@@ -268,6 +305,7 @@ impl pb::proxy_control_server::ProxyControl for ControlService {
 
         // Inbound: wire → hub, until the stream ends or misbehaves.
         let hub = self.hub.clone();
+        let observer = self.observer.clone();
         tokio::spawn(async move {
             let _guard = guard;
             loop {
@@ -295,6 +333,18 @@ impl pb::proxy_control_server::ProxyControl for ControlService {
                     Some(pb::proxy_message::Message::Deregister(_)) => {
                         tracing::info!(session = id, "proxy deregistered (draining)");
                         hub.deregister(id);
+                        Ok(())
+                    }
+                    Some(pb::proxy_message::Message::Signals(report)) => {
+                        observer.signals_report(id, report);
+                        Ok(())
+                    }
+                    Some(pb::proxy_message::Message::TapEvent(event)) => {
+                        observer.tap_event(event);
+                        Ok(())
+                    }
+                    Some(pb::proxy_message::Message::Denials(d)) => {
+                        observer.denials(&identity_label, d);
                         Ok(())
                     }
                     Some(pb::proxy_message::Message::Register(_)) => {

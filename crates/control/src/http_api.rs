@@ -11,7 +11,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{Value, json};
+use trellis_core::names::ServiceName;
 use trellis_core::resources::{Kind, ResourceKey, parse_documents, referenced_services};
 
 use crate::ca::Ca;
@@ -29,6 +30,9 @@ pub struct ApiState {
     pub ca: Arc<Ca>,
     pub ca_ops: Arc<crate::rotation::CaOps>,
     pub trust_domain: String,
+    pub observer: Arc<crate::observe::Observer>,
+    /// This API's own address (the control plane's entry in the Prometheus target list).
+    pub http_addr: std::net::SocketAddr,
 }
 
 type Shared = Arc<ApiState>;
@@ -53,6 +57,13 @@ pub fn router(state: Shared) -> Router {
         .route("/api/v1/ca/rotation", get(rotation_status).post(rotate))
         .route("/api/v1/check", get(check))
         .route("/api/v1/explain", get(explain))
+        .route("/", get(dashboard))
+        .route("/api/v1/stats/services", get(stats_services))
+        .route("/api/v1/stats/edges", get(stats_edges))
+        .route("/api/v1/stats/routes", get(stats_routes))
+        .route("/api/v1/stats/paths", get(stats_paths))
+        .route("/api/v1/tap", get(tap))
+        .route("/api/v1/prometheus/targets", get(prometheus_targets))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_admin,
@@ -70,7 +81,9 @@ async fn require_admin(
     next: axum::middleware::Next,
 ) -> Response {
     let read_only = matches!(request.method().as_str(), "GET" | "HEAD");
-    let secret = request.uri().path().starts_with("/api/v1/tokens");
+    // Tap shows live request metadata (paths, callers): operators only.
+    let secret =
+        request.uri().path().starts_with("/api/v1/tokens") || request.uri().path() == "/api/v1/tap";
     if read_only && !secret {
         return next.run(request).await;
     }
@@ -434,14 +447,186 @@ async fn delete_one(
 
 #[derive(Deserialize)]
 struct AuditQuery {
+    /// How far back, e.g. `10m`, `2h`.
+    since: Option<String>,
+    /// Only records with this action (`denied`, `certificate-issued`, `configured`…).
+    action: Option<String>,
     limit: Option<usize>,
 }
 
 async fn audit(State(st): State<Shared>, Query(q): Query<AuditQuery>) -> Response {
-    match st.store.audit(q.limit.unwrap_or(100).min(10_000)) {
-        Ok(records) => axum::Json(json!({ "items": records })).into_response(),
+    let since = match q
+        .since
+        .as_deref()
+        .map(trellis_core::duration::parse_duration)
+    {
+        None => None,
+        Some(Ok(d)) => Some(trellis_core::time::rfc3339(
+            std::time::SystemTime::now()
+                .checked_sub(d)
+                .unwrap_or(std::time::UNIX_EPOCH),
+        )),
+        Some(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("since: {e}")),
+    };
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    // Filtering by action happens after the read: ask for the most the API allows then.
+    let read = if q.action.is_some() { 10_000 } else { limit };
+    match st.store.audit(since.as_deref(), read) {
+        Ok(mut records) => {
+            if let Some(action) = &q.action {
+                records.retain(|r| &r.action == action);
+                records.truncate(limit);
+            }
+            axum::Json(json!({ "items": records })).into_response()
+        }
         Err(e) => storage_error(e),
     }
+}
+
+/// The built-in dashboard: one self-contained page (no assets from the internet) that reads
+/// this API.
+async fn dashboard() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("dashboard.html"),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct StatsQuery {
+    service: Option<String>,
+    /// Seconds, 10..=300 (default 60).
+    window: Option<u32>,
+    limit: Option<usize>,
+}
+
+/// The `service` parameter: `Ok(None)` when absent, an error message when invalid.
+fn stats_service(q: &StatsQuery) -> Result<Option<ServiceName>, String> {
+    q.service
+        .as_deref()
+        .map(|s| ServiceName::new(s).map_err(|e| format!("service: {e}")))
+        .transpose()
+}
+
+/// `GET /api/v1/stats/services[?service=]`: golden signals per service, merged from its
+/// proxies' windows.
+async fn stats_services(State(st): State<Shared>, Query(q): Query<StatsQuery>) -> Response {
+    let service = match stats_service(&q) {
+        Ok(s) => s,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let gathered = st
+        .observer
+        .gather(service.as_ref(), q.window.unwrap_or(60))
+        .await;
+    let registry = st.hub.snapshot();
+    axum::Json(crate::observe::services_view(
+        &gathered,
+        &registry,
+        service.as_ref(),
+    ))
+    .into_response()
+}
+
+/// `GET /api/v1/stats/edges`: golden signals per caller → callee.
+async fn stats_edges(State(st): State<Shared>, Query(q): Query<StatsQuery>) -> Response {
+    let gathered = st.observer.gather(None, q.window.unwrap_or(60)).await;
+    axum::Json(crate::observe::edges_view(&gathered, &st.trust_domain)).into_response()
+}
+
+/// `GET /api/v1/stats/routes?service=`: per route of a service.
+async fn stats_routes(State(st): State<Shared>, Query(q): Query<StatsQuery>) -> Response {
+    let service = match stats_service(&q) {
+        Ok(Some(s)) => s,
+        Ok(None) => return error(StatusCode::BAD_REQUEST, "service is required"),
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let gathered = st
+        .observer
+        .gather(Some(&service), q.window.unwrap_or(60))
+        .await;
+    axum::Json(crate::observe::routes_view(&gathered, &service)).into_response()
+}
+
+/// `GET /api/v1/stats/paths?service=`: the busiest paths of a service.
+async fn stats_paths(State(st): State<Shared>, Query(q): Query<StatsQuery>) -> Response {
+    let service = match stats_service(&q) {
+        Ok(Some(s)) => s,
+        Ok(None) => return error(StatusCode::BAD_REQUEST, "service is required"),
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let gathered = st
+        .observer
+        .gather(Some(&service), q.window.unwrap_or(60))
+        .await;
+    axum::Json(crate::observe::paths_view(
+        &gathered,
+        &service,
+        q.limit.unwrap_or(20).min(1000),
+    ))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+struct TapQuery {
+    service: String,
+    path: Option<String>,
+    method: Option<String>,
+    /// Events per second per proxy (default 20, at most 100).
+    rate: Option<u32>,
+}
+
+/// `GET /api/v1/tap?service=&path=&method=` (admin token): newline-delimited JSON, one line
+/// per request as it finishes, until the client disconnects.
+async fn tap(State(st): State<Shared>, Query(q): Query<TapQuery>) -> Response {
+    let service = match ServiceName::new(q.service.as_str()) {
+        Ok(s) => s,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("service: {e}")),
+    };
+    let stream = st.observer.tap(
+        &service,
+        q.path.unwrap_or_default(),
+        q.method.unwrap_or_default(),
+        q.rate.unwrap_or(20),
+    );
+    (
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+/// `GET /api/v1/prometheus/targets`: Prometheus HTTP service discovery (also usable as a
+/// `file_sd` file): every registered proxy's admin address and the control plane itself.
+async fn prometheus_targets(State(st): State<Shared>) -> Response {
+    let mut groups = vec![json!({
+        "targets": [st.http_addr.to_string()],
+        "labels": { "job": "trellis-control" },
+    })];
+    for (service, instances) in st.hub.snapshot() {
+        for inst in instances {
+            let Some(admin) = inst.labels.get(ADMIN_LABEL) else {
+                continue;
+            };
+            groups.push(json!({
+                "targets": [admin],
+                "labels": {
+                    "job": "trellis-proxy",
+                    "service": service,
+                    "namespace": inst.namespace,
+                    "instance_id": inst.instance_id,
+                },
+            }));
+        }
+    }
+    axum::Json(Value::Array(groups)).into_response()
 }
 
 async fn services(State(st): State<Shared>) -> Response {

@@ -34,6 +34,29 @@ pub enum Push {
     MeshConfig(MeshConfigSpec),
     Inbound(InboundView),
     TrustBundle(String),
+    /// Asks for the golden-signal buckets of the last `window_secs` seconds.
+    SignalsRequest {
+        query_id: u64,
+        window_secs: u32,
+    },
+    TapStart {
+        tap_id: u64,
+        path_prefix: String,
+        method: String,
+        max_per_second: u32,
+    },
+    TapStop {
+        tap_id: u64,
+    },
+}
+
+/// A connected proxy, for fan-out requests (signals, tap).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionTarget {
+    pub session: SessionId,
+    pub namespace: Namespace,
+    pub service: ServiceName,
+    pub instances: Vec<String>,
 }
 
 /// What a proxy needs to authorize its own inbound traffic: the policies targeting its service
@@ -269,6 +292,41 @@ impl Hub {
             s.report = Some((cert_expires_unix, sent_unix_ms.saturating_sub(now_ms)));
         }
         Ok(())
+    }
+
+    /// The sessions whose proxies serve `service` (every registered session with `None`).
+    pub fn session_targets(&self, service: Option<&ServiceName>) -> Vec<SessionTarget> {
+        let st = self.lock();
+        let mut out: Vec<SessionTarget> = st
+            .sessions
+            .iter()
+            .filter_map(|(id, s)| {
+                let (namespace, own) = s.own.clone()?;
+                if service.is_some_and(|wanted| *wanted != own) {
+                    return None;
+                }
+                let mut instances: Vec<String> =
+                    s.instances.iter().map(|(_, i)| i.clone()).collect();
+                instances.sort();
+                Some(SessionTarget {
+                    session: *id,
+                    namespace,
+                    service: own,
+                    instances,
+                })
+            })
+            .collect();
+        out.sort_by_key(|t| t.session);
+        out
+    }
+
+    /// Sends `push` to one session without waiting; false if it is gone or its queue is full
+    /// (observability requests never close a session, unlike configuration pushes).
+    pub fn send_to(&self, session: SessionId, push: Push) -> bool {
+        let st = self.lock();
+        st.sessions
+            .get(&session)
+            .is_some_and(|s| s.tx.try_send(push).is_ok())
     }
 
     /// What connected proxies last reported, for `trellis check`.
@@ -778,7 +836,7 @@ mod tests {
         loop {
             match rx.try_recv().expect("a push") {
                 Push::Destination(d) => return *d,
-                Push::MeshConfig(_) | Push::Inbound(_) | Push::TrustBundle(_) => continue,
+                _ => continue,
             }
         }
     }

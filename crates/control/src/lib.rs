@@ -10,6 +10,7 @@ pub mod grpc;
 pub mod http_api;
 pub mod hub;
 pub mod metrics;
+pub mod observe;
 pub mod rotation;
 pub mod store;
 pub mod tls_server;
@@ -279,6 +280,7 @@ pub async fn start(config: ControlConfig) -> Result<Running, StartError> {
             }
         }
     });
+    let observer = Arc::new(observe::Observer::new(hub.clone(), store.clone()));
     let grpc = grpc::ControlService::new(
         hub.clone(),
         config.heartbeat_ttl,
@@ -286,6 +288,7 @@ pub async fn start(config: ControlConfig) -> Result<Running, StartError> {
         tokens.clone(),
         config.trust_domain.clone(),
         metrics.certificates_issued.clone(),
+        observer.clone(),
     )
     .into_server();
     let stop = shutdown.clone();
@@ -312,6 +315,8 @@ pub async fn start(config: ControlConfig) -> Result<Running, StartError> {
         ca: ca.clone(),
         ca_ops,
         trust_domain: config.trust_domain.clone(),
+        observer,
+        http_addr,
     }));
     let stop = shutdown.clone();
     tokio::spawn(async move {

@@ -8,6 +8,7 @@
 use std::path::Path;
 use std::time::SystemTime;
 
+use redb::ReadableTableMetadata;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -81,8 +82,18 @@ pub trait Store: Send + Sync + 'static {
     fn get(&self, key: &ResourceKey) -> Result<Option<StoredResource>, StoreError>;
     /// All resources, or those of one kind, ordered by kind, namespace, name.
     fn list(&self, kind: Option<Kind>) -> Result<Vec<StoredResource>, StoreError>;
-    /// The newest `limit` audit records, newest first.
-    fn audit(&self, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
+    /// The newest `limit` audit records at or after `since` (an RFC 3339 time, as records
+    /// carry), newest first: configuration changes and recorded events together.
+    fn audit(&self, since: Option<&str>, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
+    /// Records an event that is not a configuration change (a certificate issued, denials a
+    /// proxy reported). The oldest events are dropped beyond [`MAX_EVENTS`].
+    fn record_event(
+        &self,
+        actor: &str,
+        action: &str,
+        resource: &str,
+        detail: serde_json::Value,
+    ) -> Result<(), StoreError>;
     /// The version of the last change (0 for an empty store).
     fn version(&self) -> u64;
     /// Notified with the new version after every committed change.
@@ -105,6 +116,11 @@ const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const REGISTRY: TableDefinition<&str, &[u8]> = TableDefinition::new("registry");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+/// Audit events that are not configuration changes, by sequence number.
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+
+/// Audit events kept (configuration changes are all kept).
+pub const MAX_EVENTS: u64 = 100_000;
 
 fn storage_key(key: &ResourceKey) -> String {
     format!("{}/{}/{}", key.kind, key.namespace, key.name)
@@ -126,6 +142,7 @@ impl RedbStore {
         txn.open_table(RESOURCES)?;
         txn.open_table(AUDIT)?;
         txn.open_table(TOKENS)?;
+        txn.open_table(EVENTS)?;
         let version = txn
             .open_table(META)?
             .get("version")?
@@ -289,15 +306,53 @@ impl Store for RedbStore {
         Ok(all)
     }
 
-    fn audit(&self, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+    fn audit(&self, since: Option<&str>, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
         let txn = self.db.begin_read()?;
-        let table = txn.open_table(AUDIT)?;
         let mut out = Vec::new();
-        for entry in table.iter()?.rev().take(limit) {
-            let (_, v) = entry?;
-            out.push(decode(v.value())?);
+        for table in [txn.open_table(AUDIT)?, txn.open_table(EVENTS)?] {
+            for entry in table.iter()?.rev().take(limit) {
+                let (_, v) = entry?;
+                let record: AuditRecord = decode(v.value())?;
+                // Both tables grow in time order, so the first older record ends this one.
+                if since.is_some_and(|s| record.time.as_str() < s) {
+                    break;
+                }
+                out.push(record);
+            }
         }
+        // RFC 3339 UTC times with a fixed format sort as strings.
+        out.sort_by(|a, b| b.time.cmp(&a.time));
+        out.truncate(limit);
         Ok(out)
+    }
+
+    fn record_event(
+        &self,
+        actor: &str,
+        action: &str,
+        resource: &str,
+        detail: serde_json::Value,
+    ) -> Result<(), StoreError> {
+        let record = AuditRecord {
+            version: self.version(),
+            time: rfc3339(SystemTime::now()),
+            actor: actor.to_owned(),
+            action: action.to_owned(),
+            resource: resource.to_owned(),
+            old: None,
+            new: Some(detail),
+        };
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(EVENTS)?;
+            let next = table.last()?.map_or(0, |(k, _)| k.value() + 1);
+            table.insert(next, encode(&record)?.as_slice())?;
+            if table.len()? > MAX_EVENTS {
+                table.pop_first()?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
     }
 
     fn version(&self) -> u64 {
@@ -396,7 +451,7 @@ mod tests {
             .expect("apply");
         assert_eq!(changed.results[0].action, "configured");
         assert_eq!(changed.version, 2);
-        let audit = store.audit(10).expect("audit");
+        let audit = store.audit(None, 10).expect("audit");
         assert_eq!(audit.len(), 2);
         assert_eq!(audit[0].actor, "bob");
         assert!(audit[0].old.is_some() && audit[0].new.is_some());
@@ -448,7 +503,26 @@ mod tests {
         assert!(store.get(&key).expect("get").is_some());
         assert_eq!(store.delete(&key, "carol").expect("delete"), Some(3));
         assert_eq!(store.delete(&key, "carol").expect("delete"), None);
-        assert_eq!(store.audit(1).expect("audit")[0].action, "deleted");
+        assert_eq!(store.audit(None, 1).expect("audit")[0].action, "deleted");
         assert_eq!(store.list(Some(Kind::HTTPRoute)).expect("list").len(), 1);
+
+        // Records carry millisecond times; the event must be strictly newer.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        store
+            .record_event(
+                "ca",
+                "certificate-issued",
+                "spiffe://t/ns/default/svc/web",
+                serde_json::json!({"serial": "01"}),
+            )
+            .expect("event");
+        let audit = store.audit(None, 10).expect("audit");
+        assert_eq!(
+            audit[0].action, "certificate-issued",
+            "newest first across tables"
+        );
+        assert_eq!(audit[1].action, "deleted");
+        assert!(store.audit(Some("9999"), 10).expect("audit").is_empty());
+        assert_eq!(store.audit(Some("2000"), 10).expect("audit").len(), 4);
     }
 }

@@ -12,6 +12,7 @@ pub mod names;
 pub mod policy;
 pub mod proxy_config;
 pub mod resources;
+pub mod signals;
 pub mod time;
 
 pub use names::{NameError, Namespace, ServiceName};

@@ -5,9 +5,9 @@
 //! line is dropped and counted (`dropped` in the final log message) rather than waiting.
 
 use std::io::Write;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use serde::Serialize;
@@ -60,21 +60,57 @@ pub struct Entry<'a> {
     pub bytes_out: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<&'a str>,
+    /// The W3C trace id, when tracing is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
 }
 
-/// Handle to the access log. Cheap to clone; a no-op when off.
+/// Handle to the access log. Cheap to clone; one atomic load per request while off.
+///
+/// `--access-log PATH|stdout` turns it on for good. Without the flag, MeshConfig switches it
+/// at run time (`accessLog`, `accessLogServices`), writing to stdout.
 #[derive(Clone, Default)]
-pub struct AccessLog {
-    tx: Option<SyncSender<String>>,
-    dropped: Arc<AtomicU64>,
+pub struct AccessLog(Arc<Inner>);
+
+#[derive(Default)]
+struct Inner {
+    /// Set by the flag: MeshConfig cannot switch it off.
+    pinned: bool,
+    enabled: AtomicBool,
+    /// The writer thread's queue, started on first use.
+    tx: OnceLock<Option<SyncSender<String>>>,
+    dropped: AtomicU64,
 }
 
 const QUEUE: usize = 8192;
 
+fn writer(mut out: Box<dyn Write + Send>) -> std::io::Result<SyncSender<String>> {
+    let (tx, rx) = mpsc::sync_channel::<String>(QUEUE);
+    std::thread::Builder::new()
+        .name("access-log".into())
+        .spawn(move || {
+            let mut buf = Vec::with_capacity(64 * 1024);
+            while let Ok(line) = rx.recv() {
+                buf.extend_from_slice(line.as_bytes());
+                buf.push(b'\n');
+                // Batch whatever else is queued, then write once.
+                while let Ok(line) = rx.try_recv() {
+                    buf.extend_from_slice(line.as_bytes());
+                    buf.push(b'\n');
+                }
+                if out.write_all(&buf).and_then(|_| out.flush()).is_err() {
+                    return;
+                }
+                buf.clear();
+            }
+        })?;
+    Ok(tx)
+}
+
 impl AccessLog {
-    /// Opens the target and starts the writer thread.
+    /// Opens the target and starts the writer thread (`Off`: nothing until MeshConfig asks).
     pub fn start(target: &AccessLogTarget) -> std::io::Result<Self> {
-        let mut out: Box<dyn Write + Send> = match target {
+        let out: Box<dyn Write + Send> = match target {
             AccessLogTarget::Off => return Ok(Self::default()),
             AccessLogTarget::Stdout => Box::new(std::io::stdout()),
             AccessLogTarget::File(path) => Box::new(
@@ -84,47 +120,54 @@ impl AccessLog {
                     .open(path)?,
             ),
         };
-        let (tx, rx) = mpsc::sync_channel::<String>(QUEUE);
-        std::thread::Builder::new()
-            .name("access-log".into())
-            .spawn(move || {
-                let mut buf = Vec::with_capacity(64 * 1024);
-                while let Ok(line) = rx.recv() {
-                    buf.extend_from_slice(line.as_bytes());
-                    buf.push(b'\n');
-                    // Batch whatever else is queued, then write once.
-                    while let Ok(line) = rx.try_recv() {
-                        buf.extend_from_slice(line.as_bytes());
-                        buf.push(b'\n');
-                    }
-                    if out.write_all(&buf).and_then(|_| out.flush()).is_err() {
-                        return;
-                    }
-                    buf.clear();
-                }
-            })?;
-        Ok(Self {
-            tx: Some(tx),
-            dropped: Arc::default(),
-        })
+        let tx = writer(out)?;
+        Ok(Self(Arc::new(Inner {
+            pinned: true,
+            enabled: AtomicBool::new(true),
+            tx: OnceLock::from(Some(tx)),
+            dropped: AtomicU64::new(0),
+        })))
+    }
+
+    /// MeshConfig's say for this proxy's service (ignored when the flag turned logging on).
+    pub fn set_enabled_by_mesh(&self, on: bool) {
+        if self.0.pinned || self.0.enabled.load(Ordering::Relaxed) == on {
+            return;
+        }
+        if on {
+            let started = self.0.tx.get_or_init(|| {
+                writer(Box::new(std::io::stdout()))
+                    .inspect_err(
+                        |e| tracing::warn!(error = %e, "cannot start the access log writer"),
+                    )
+                    .ok()
+            });
+            if started.is_none() {
+                return;
+            }
+        }
+        tracing::info!(enabled = on, "access log switched by MeshConfig");
+        self.0.enabled.store(on, Ordering::Relaxed);
     }
 
     pub fn is_enabled(&self) -> bool {
-        self.tx.is_some()
+        self.0.enabled.load(Ordering::Relaxed)
     }
 
     pub fn record(&self, entry: &Entry<'_>) {
-        let Some(tx) = &self.tx else { return };
+        let Some(Some(tx)) = self.0.tx.get() else {
+            return;
+        };
         let Ok(line) = serde_json::to_string(entry) else {
             return;
         };
         if let Err(TrySendError::Full(_)) = tx.try_send(line) {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.0.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.0.dropped.load(Ordering::Relaxed)
     }
 }
 
@@ -159,6 +202,7 @@ mod tests {
             bytes_in: 0,
             bytes_out: 5,
             error: None,
+            trace_id: None,
         });
         let mut text = String::new();
         for _ in 0..200 {

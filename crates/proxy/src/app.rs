@@ -27,6 +27,7 @@ use crate::http::tunnel::TunnelCtx;
 use crate::identity::{InboundPolicyCell, MeshIdentity};
 use crate::metrics::{Label, Metrics};
 use crate::server::{self, ConnLimits, ListenerKind, ServerCtx};
+use crate::trace::{TraceResource, Tracer};
 
 /// Addresses actually bound (ports may have been 0).
 #[derive(Debug, Clone, Serialize)]
@@ -115,6 +116,19 @@ pub async fn start(
         addr: ([0, 0, 0, 0], 0).into(),
         source,
     })?;
+    let (tracer, exporter) = Tracer::new(
+        &mut registry,
+        TraceResource {
+            service: config.service.to_string(),
+            namespace: config.namespace.to_string(),
+            instance: config.instance.clone(),
+        },
+    );
+    exporter.spawn().map_err(|source| BindError {
+        what: "trace exporter".into(),
+        addr: ([0, 0, 0, 0], 0).into(),
+        source,
+    })?;
     let drain = Drain::new();
     let dynamic = !config.control.is_empty();
     // With a control plane the proxy has a workload identity and speaks mTLS to its peers;
@@ -167,17 +181,19 @@ pub async fn start(
             destinations.clone(),
             &metrics,
             &access_log,
+            &tracer,
         ),
         inbound: stack::inbound(
             ForwardToApp::new(config.app, clients, tunnels),
             &metrics,
             &access_log,
+            &tracer,
             inbound_policy.clone(),
         ),
         identity: identity.clone(),
         inbound_policy: inbound_policy.clone(),
         metrics: metrics.clone(),
-        access_log,
+        access_log: access_log.clone(),
         drain: drain.clone(),
     });
 
@@ -228,6 +244,7 @@ pub async fn start(
     let describe = {
         let (destinations, mesh_config) = (destinations.clone(), mesh_config.clone());
         let (identity, policy) = (identity.clone(), inbound_policy.clone());
+        let (access_log, tracer) = (access_log.clone(), tracer.clone());
         let (static_config, bound) = (
             serde_json::to_value(&config).unwrap_or_default(),
             bound.clone(),
@@ -238,6 +255,8 @@ pub async fn start(
                 "listening": bound,
                 "destinations": destinations.describe(),
                 "meshConfig": mesh_config.lock().ok().and_then(|m| serde_json::to_value(&*m).ok()),
+                "accessLog": access_log.is_enabled(),
+                "tracing": tracer.is_enabled(),
                 "identity": identity.as_ref().map(|i| serde_json::json!({
                     "spiffeId": i.id.to_string(),
                     "expires": i.expires_unix(),
@@ -309,6 +328,9 @@ pub async fn start(
                 .unwrap_or_else(|| Arc::new(rustls::RootCertStore::empty())),
             inbound_policy,
             identity_expiry: metrics.identity_expiry.clone(),
+            metrics: metrics.clone(),
+            tracer,
+            access_log,
         };
         client.spawn().map_err(|source| BindError {
             what: "control client".into(),

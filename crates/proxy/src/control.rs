@@ -8,6 +8,7 @@
 //! snapshots, which replace the old state without a gap). On shutdown it deregisters first, so
 //! callers stop sending before the listeners close.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -20,9 +21,13 @@ use trellis_core::discovery::{DestinationDelta, InstanceInfo, RouteTable};
 use trellis_core::names::ServiceName;
 use trellis_core::resources::MeshConfigSpec;
 
+use crate::access_log::AccessLog;
 use crate::drain::Drain;
 use crate::http::destinations::{Destinations, WatchRequest, random_below};
 use crate::identity::{InboundPolicyCell, MeshIdentity, new_key_and_csr};
+use crate::metrics::Metrics;
+use crate::tap::{TapFilter, TapSubscription};
+use crate::trace::Tracer;
 
 /// How long a discovered destination may go unused before it is dropped and unwatched.
 pub const IDLE_DESTINATION: Duration = Duration::from_secs(300);
@@ -48,6 +53,10 @@ pub struct ControlClient {
     pub bootstrap_roots: Arc<rustls::RootCertStore>,
     pub inbound_policy: Arc<InboundPolicyCell>,
     pub identity_expiry: Gauge,
+    /// Golden signals, tap and denials, read by the control plane over the session.
+    pub metrics: Metrics,
+    pub tracer: Tracer,
+    pub access_log: AccessLog,
 }
 
 /// After a trust bundle change, wait this long (plus jitter) before renewing under the new
@@ -207,10 +216,17 @@ impl ControlClient {
         let mut heartbeat = tokio::time::interval(Duration::from_secs(3));
         let mut sweep = tokio::time::interval(Duration::from_secs(30));
         let mut deregistered = false;
+        // Taps the control plane opened on this session; they end with it.
+        let mut taps: HashMap<u64, TapSubscription> = HashMap::new();
         loop {
             tokio::select! {
                 msg = inbound.message() => match msg {
                     Ok(Some(m)) => {
+                        if let Some(request) = &m.message
+                            && self.observe(request, &tx, &mut taps)
+                        {
+                            continue;
+                        }
                         if let Some(interval) = self.handle(m) {
                             *failures = 0;
                             heartbeat = tokio::time::interval(interval);
@@ -235,6 +251,7 @@ impl ControlClient {
                         cert_expires_unix: self.identity.expires_unix(),
                         sent_unix_ms,
                     })));
+                    self.report_denials(&tx);
                 }
                 Some(req) = self.watch_requests.recv() => {
                     let m = match req {
@@ -271,6 +288,111 @@ impl ControlClient {
         }
     }
 
+    /// Answers the control plane's observability requests (golden signals, tap). Returns
+    /// whether `m` was one.
+    fn observe(
+        &self,
+        m: &pb::control_message::Message,
+        tx: &mpsc::Sender<pb::ProxyMessage>,
+        taps: &mut HashMap<u64, TapSubscription>,
+    ) -> bool {
+        let send = |m: pb::proxy_message::Message| pb::ProxyMessage { message: Some(m) };
+        match m {
+            pb::control_message::Message::SignalsRequest(r) => {
+                let report = pb::SignalsReport {
+                    query_id: r.query_id,
+                    buckets: self
+                        .metrics
+                        .signals
+                        .last(r.window_secs.min(3600))
+                        .iter()
+                        .map(Into::into)
+                        .collect(),
+                    endpoints: unavailable_endpoints(&self.destinations.describe()),
+                };
+                // A full queue means the session is in trouble; the control plane times out.
+                let _ = tx.try_send(send(pb::proxy_message::Message::Signals(report)));
+                true
+            }
+            pb::control_message::Message::TapStart(t) => {
+                let (subscription, mut records) = self.metrics.tap.subscribe(
+                    TapFilter {
+                        path_prefix: (!t.path_prefix.is_empty()).then(|| t.path_prefix.clone()),
+                        method: (!t.method.is_empty()).then(|| t.method.clone()),
+                    },
+                    t.max_per_second,
+                );
+                let (tx, tap_id) = (tx.clone(), t.tap_id);
+                tokio::spawn(async move {
+                    // Ends when the subscription is dropped (TapStop or session end).
+                    while let Some(r) = records.recv().await {
+                        let event = pb::TapEvent {
+                            tap_id,
+                            unix_ms: r.unix_ms,
+                            inbound: r.direction == "inbound",
+                            src: r.src,
+                            dst: r.dst,
+                            method: r.method,
+                            path: r.path,
+                            status: u32::from(r.status),
+                            latency_ms: r.latency_ms,
+                            trace_id: r.trace_id,
+                            tls: r.tls,
+                            route: r.route,
+                        };
+                        if tx
+                            .try_send(send(pb::proxy_message::Message::TapEvent(event)))
+                            .is_err()
+                            && tx.is_closed()
+                        {
+                            break;
+                        }
+                    }
+                });
+                tracing::info!(tap = t.tap_id, "tap started by the control plane");
+                taps.insert(t.tap_id, subscription);
+                true
+            }
+            pb::control_message::Message::TapStop(t) => {
+                if taps.remove(&t.tap_id).is_some() {
+                    tracing::info!(tap = t.tap_id, "tap stopped");
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Sends the inbound denials since the last heartbeat (for the control plane's audit log).
+    fn report_denials(&self, tx: &mpsc::Sender<pb::ProxyMessage>) {
+        let (entries, overflow) = self.metrics.denials.take();
+        if entries.is_empty() && overflow == 0 {
+            return;
+        }
+        let mut denials: Vec<pb::Denial> = entries
+            .into_iter()
+            .map(|(k, count, last_unix_ms)| pb::Denial {
+                caller: k.caller,
+                route: k.route,
+                policy: k.policy,
+                method: k.method,
+                path: k.path,
+                count,
+                last_unix_ms,
+            })
+            .collect();
+        if overflow > 0 {
+            denials.push(pb::Denial {
+                caller: trellis_core::signals::OTHER.into(),
+                count: overflow,
+                ..Default::default()
+            });
+        }
+        let _ = tx.try_send(pb::ProxyMessage {
+            message: Some(pb::proxy_message::Message::Denials(pb::Denials { denials })),
+        });
+    }
+
     /// Applies one message; returns the heartbeat interval when the session was accepted.
     fn handle(&self, m: pb::ControlMessage) -> Option<Duration> {
         match m.message? {
@@ -304,6 +426,11 @@ impl ControlClient {
             pb::control_message::Message::MeshConfig(c) => {
                 match MeshConfigSpec::try_from(c) {
                     Ok(spec) => {
+                        self.tracer.configure(spec.tracing.as_ref());
+                        self.access_log.set_enabled_by_mesh(
+                            spec.access_log_for(self.instance.service.as_str()),
+                        );
+                        self.metrics.signals.set_limits(spec.signal_limits());
                         self.inbound_policy.update(|p| {
                             p.mtls = spec.mtls;
                             p.default_policy = spec.default_policy;
@@ -354,6 +481,36 @@ impl ControlClient {
                 }
                 None
             }
+            // Answered by `observe`.
+            pb::control_message::Message::SignalsRequest(_)
+            | pb::control_message::Message::TapStart(_)
+            | pb::control_message::Message::TapStop(_) => None,
         }
     }
+}
+
+/// The endpoints this proxy keeps out of rotation, from the `/config` view of its
+/// destinations.
+fn unavailable_endpoints(destinations: &serde_json::Value) -> Vec<pb::EndpointState> {
+    let mut out = Vec::new();
+    let Some(map) = destinations.as_object() else {
+        return out;
+    };
+    for (service, d) in map {
+        for e in d["endpoints"].as_array().into_iter().flatten() {
+            let state = e["state"].as_str().unwrap_or("unknown");
+            if state != "healthy" {
+                out.push(pb::EndpointState {
+                    service: service.clone(),
+                    address: e["address"].as_str().unwrap_or_default().to_owned(),
+                    state: state.to_owned(),
+                    reason: e["health"]["reason"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                });
+            }
+        }
+    }
+    out
 }

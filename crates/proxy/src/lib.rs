@@ -24,7 +24,10 @@ pub mod layers;
 pub mod logging;
 pub mod metrics;
 pub mod server;
+pub mod signals;
+pub mod tap;
 pub mod tcp;
+pub mod trace;
 
 /// The error type every boxed body and service boundary uses.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -113,6 +113,12 @@ pub struct MetricFamilies {
     pub rate_limited: Family<RateLimitLabels, Counter>,
     pub faults: Family<FaultLabels, Counter>,
     pub mirrored: Family<MirrorLabels, Counter>,
+    /// Golden signals in rolling windows, for the control plane (`trellis stat`).
+    pub signals: crate::signals::GoldenSignals,
+    /// Live request metadata for `trellis tap`.
+    pub tap: crate::tap::Tap,
+    /// Denied inbound requests, reported to the control plane's audit log.
+    pub denials: crate::signals::DenialLog,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -197,6 +203,9 @@ impl Metrics {
             rate_limited: Family::default(),
             faults: Family::default(),
             mirrored: Family::default(),
+            signals: Default::default(),
+            tap: Default::default(),
+            denials: Default::default(),
         };
         let r = registry.sub_registry_with_prefix("trellis");
         r.register(

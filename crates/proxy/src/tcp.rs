@@ -76,6 +76,7 @@ pub async fn splice<A: Io + ?Sized, B: Io + ?Sized>(
         bytes_in: rx,
         bytes_out: tx,
         error: error.as_deref(),
+        trace_id: None,
     });
 }
 

@@ -7,6 +7,7 @@
 pub mod grpc;
 pub mod http_server;
 pub mod mesh;
+pub mod otlp;
 pub mod process;
 pub mod tcp;
 

@@ -541,10 +541,35 @@ pub struct MeshConfigSpec {
     pub default_policy: DefaultPolicy,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracing: Option<TracingConfig>,
+    /// Access logs for every proxy of the mesh.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_log: Option<bool>,
+    /// Access logs for the proxies of these services only (on top of `accessLog`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub access_log_services: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsConfig>,
+}
+
+impl MeshConfigSpec {
+    /// Whether the proxies of `service` write access logs.
+    pub fn access_log_for(&self, service: &str) -> bool {
+        self.access_log == Some(true) || self.access_log_services.iter().any(|s| s == service)
+    }
+
+    /// Golden-signal limits, defaults filled in.
+    pub fn signal_limits(&self) -> crate::signals::SignalLimits {
+        let mut limits = crate::signals::SignalLimits::default();
+        if let Some(m) = &self.metrics {
+            if let Some(n) = m.max_routes_per_service {
+                limits.max_series = n as usize;
+            }
+            if let Some(n) = m.max_paths {
+                limits.max_paths = n as usize;
+            }
+        }
+        limits
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -554,11 +579,29 @@ pub struct TracingConfig {
     pub sampling: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub otlp_endpoint: Option<String>,
+    #[serde(default)]
+    pub protocol: OtlpProtocol,
+}
+
+/// How spans are exported: OTLP over gRPC (`http://collector:4317`) or OTLP/HTTP with protobuf
+/// bodies (`http://collector:4318`, posted to `/v1/traces`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum OtlpProtocol {
+    #[default]
+    #[serde(rename = "grpc")]
+    Grpc,
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MetricsConfig {
+    /// Distinct (direction, peer, route) series a proxy keeps per time bucket of its golden
+    /// signals; more go to `other`. Default 100.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_routes_per_service: Option<u32>,
+    /// Distinct paths a proxy keeps per time bucket (for `trellis top`). Default 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_paths: Option<u32>,
 }

@@ -397,6 +397,34 @@ pub fn validate(r: &Resource) -> Check {
                     format!("{} is not between 0 and 1", t.sampling),
                 );
             }
+            if let Some(endpoint) = s.tracing.as_ref().and_then(|t| t.otlp_endpoint.as_ref())
+                && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+            {
+                return fail(
+                    "spec.tracing.otlpEndpoint",
+                    format!("{endpoint:?} is not an http:// or https:// URL"),
+                );
+            }
+            for (i, name) in s.access_log_services.iter().enumerate() {
+                if let Err(e) = crate::names::ServiceName::new(name.as_str()) {
+                    return fail(format!("spec.accessLogServices[{i}]"), e.to_string());
+                }
+            }
+            if let Some(m) = &s.metrics {
+                for (field, value) in [
+                    ("maxRoutesPerService", m.max_routes_per_service),
+                    ("maxPaths", m.max_paths),
+                ] {
+                    if let Some(v) = value
+                        && !(1..=10_000).contains(&v)
+                    {
+                        return fail(
+                            format!("spec.metrics.{field}"),
+                            format!("{v} is not between 1 and 10000"),
+                        );
+                    }
+                }
+            }
         }
     }
     Ok(())

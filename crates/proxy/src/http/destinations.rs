@@ -637,6 +637,13 @@ fn strip_port(authority: &str) -> &str {
 
 /// A cheap per-thread random number in `0..n` (xorshift; not for cryptography).
 pub fn random_below(n: u64) -> u64 {
+    let x = random_u64();
+    if n == 0 { 0 } else { x % n }
+}
+
+/// A cheap per-thread random `u64` (xorshift; not for cryptography): balancer draws, sampling
+/// decisions and trace ids.
+pub fn random_u64() -> u64 {
     use std::cell::Cell;
     thread_local! {
         static STATE: Cell<u64> = Cell::new({
@@ -653,7 +660,7 @@ pub fn random_below(n: u64) -> u64 {
         x ^= x >> 7;
         x ^= x << 17;
         s.set(x);
-        if n == 0 { 0 } else { x % n }
+        x
     })
 }
 

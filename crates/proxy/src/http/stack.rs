@@ -24,9 +24,12 @@ use crate::layers::mirror::MirrorLayer;
 use crate::layers::rate_limit::RateLimitLayer;
 use crate::layers::retry::RetryLayer;
 use crate::layers::strip_header::StripHeaderLayer;
+use crate::layers::tap::TapLayer;
 use crate::layers::timeout::TimeoutLayer;
+use crate::layers::trace::TraceLayer;
 use crate::layers::{HttpRequest, HttpResponse};
 use crate::metrics::Metrics;
+use crate::trace::Tracer;
 
 /// A complete per-direction stack: never fails (errors are already responses).
 pub type HttpStack = BoxCloneSyncService<HttpRequest, HttpResponse, Infallible>;
@@ -38,12 +41,17 @@ pub fn outbound(
     destinations: Arc<Destinations>,
     metrics: &Metrics,
     access_log: &AccessLog,
+    tracer: &Tracer,
 ) -> HttpStack {
     let stack = ServiceBuilder::new()
-        // Outermost, so the line shows what the app really got, proxy errors included.
+        // Outermost: the span covers the whole hop, and the trace id is known below.
+        .layer(TraceLayer::new(tracer.clone()))
+        // The line shows what the app really got, proxy errors included.
         .layer(AccessLogLayer::new(access_log.clone()))
         // Golden signals as the app sees them (status after error mapping, retries included).
         .layer(MetricsLayer::new(metrics.clone()))
+        // Live tap sees the same requests as the metrics.
+        .layer(TapLayer::new(metrics.tap.clone()))
         // Every failure below becomes a classified response with `x-trellis-error`.
         .layer(ErrorResponseLayer::new(metrics.clone()))
         // The app must not be able to claim an identity.
@@ -75,14 +83,18 @@ pub fn inbound(
     forward: ForwardToApp,
     metrics: &Metrics,
     access_log: &AccessLog,
+    tracer: &Tracer,
     policy: std::sync::Arc<InboundPolicyCell>,
 ) -> HttpStack {
     let app_port = forward.app_port();
     let stack = ServiceBuilder::new()
+        // The server span of this hop; the app receives this span as its parent.
+        .layer(TraceLayer::new(tracer.clone()))
         // What the caller got, proxy errors included.
         .layer(AccessLogLayer::new(access_log.clone()))
         // Golden signals of this service as its callers see them.
         .layer(MetricsLayer::new(metrics.clone()))
+        .layer(TapLayer::new(metrics.tap.clone()))
         // Failures (app unreachable) become classified responses.
         .layer(ErrorResponseLayer::new(metrics.clone()))
         // Identity comes from the connection (mTLS), never from a header a caller sent.

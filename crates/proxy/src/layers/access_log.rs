@@ -54,6 +54,7 @@ struct RequestFacts {
     version: http::Version,
     start: Instant,
     bytes_in: Arc<AtomicU64>,
+    trace_id: Option<String>,
 }
 
 impl<S> Service<HttpRequest> for AccessLogService<S>
@@ -87,6 +88,10 @@ where
             authority: authority(&req).map(str::to_owned),
             path: req.uri().path().to_owned(),
             version: req.version(),
+            trace_id: req
+                .extensions()
+                .get::<crate::trace::TraceIds>()
+                .map(|t| crate::trace::hex(&t.trace_id)),
             start: Instant::now(),
             bytes_in: bytes_in.clone(),
         };
@@ -176,5 +181,6 @@ fn write_entry(
         bytes_in: f.bytes_in.load(Ordering::Relaxed),
         bytes_out,
         error,
+        trace_id: f.trace_id.clone(),
     });
 }

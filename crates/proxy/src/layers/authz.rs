@@ -20,6 +20,7 @@ use crate::error::ProxyError;
 use crate::http::headers::CLIENT_ID;
 use crate::identity::InboundPolicyCell;
 use crate::metrics::{AuthzLabels, Label, Metrics};
+use crate::signals::DenialKey;
 
 /// Extension: the caller's identity from the mTLS handshake (`None`: plaintext).
 #[derive(Debug, Clone, Default)]
@@ -126,6 +127,15 @@ where
         }
         if !decision.allowed() {
             count("deny", &decision.reason);
+            self.layer.metrics.denials.record(DenialKey {
+                caller: peer
+                    .as_deref()
+                    .map_or_else(|| "unauthenticated".to_owned(), |p| p.id.to_string()),
+                route: route.unwrap_or("default").to_owned(),
+                policy: decision.reason.to_string(),
+                method: req.method().to_string(),
+                path: req.uri().path().chars().take(200).collect(),
+            });
             tracing::info!(caller = ?peer.as_deref().map(|p| p.id.to_string()), method = %req.method(), path = req.uri().path(), policy = %decision.reason, "denied by authorization policy");
             return decision::AuthorizeFuture::Denied {
                 error: Some(ProxyError::Denied {

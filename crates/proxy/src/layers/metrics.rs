@@ -2,6 +2,9 @@
 //! response headers, labelled by direction, source, destination and route from the request's
 //! [`RequestMeta`]. Recording happens when headers are back, so a long streaming body does not
 //! distort latency.
+//!
+//! The same observation feeds the rolling golden-signal windows ([`crate::signals`]) that the
+//! control plane merges for `trellis stat` and the dashboard.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -11,8 +14,9 @@ use std::time::Instant;
 use tower::{Layer, Service};
 
 use super::{HttpRequest, HttpResponse};
-use crate::http::RequestMeta;
+use crate::http::{Direction, RequestMeta};
 use crate::metrics::{HttpLabels, HttpLatencyLabels, Metrics};
+use trellis_core::signals::{Direction as SignalDirection, Observation};
 
 #[derive(Clone)]
 pub struct MetricsLayer {
@@ -68,9 +72,14 @@ where
 
     fn call(&mut self, req: HttpRequest) -> Self::Future {
         let meta = req.extensions().get::<RequestMeta>().cloned();
+        // Cheap clones: standard methods are inline, the path shares the request's buffer.
+        let method = req.method().clone();
+        let path = req.uri().path_and_query().cloned();
         MetricsFuture {
             inner: self.inner.call(req),
             meta,
+            method,
+            path,
             start: Instant::now(),
             metrics: self.metrics.clone(),
         }
@@ -82,6 +91,8 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         meta: Option<RequestMeta>,
+        method: http::Method,
+        path: Option<http::uri::PathAndQuery>,
         start: Instant,
         metrics: Metrics,
     }
@@ -98,6 +109,23 @@ where
         let result = std::task::ready!(this.inner.poll(cx));
         if let (Some(meta), Ok(rsp)) = (this.meta.take(), &result) {
             let classification = classify(rsp);
+            let elapsed = this.start.elapsed();
+            this.metrics.signals.record(&Observation {
+                direction: match meta.direction {
+                    Direction::Inbound => SignalDirection::Inbound,
+                    Direction::Outbound => SignalDirection::Outbound,
+                },
+                peer: match meta.direction {
+                    Direction::Inbound => &meta.src,
+                    Direction::Outbound => &meta.dst,
+                },
+                route: &meta.route,
+                method: this.method.as_str(),
+                path: this.path.as_ref().map_or("/", |p| p.path()),
+                success: classification == "success",
+                tls: meta.tls,
+                latency_micros: elapsed.as_secs_f64() * 1e6,
+            });
             this.metrics
                 .http_duration
                 .get_or_create(&HttpLatencyLabels {
@@ -108,7 +136,7 @@ where
                     classification,
                     tls: if meta.tls { "true" } else { "false" },
                 })
-                .observe(this.start.elapsed().as_secs_f64());
+                .observe(elapsed.as_secs_f64());
             this.metrics
                 .http_requests
                 .get_or_create(&HttpLabels {
@@ -130,7 +158,6 @@ where
 mod tests {
     use super::*;
     use crate::body;
-    use crate::http::Direction;
     use tower::ServiceExt;
 
     #[tokio::test]

@@ -12,7 +12,9 @@ pub mod mirror;
 pub mod rate_limit;
 pub mod retry;
 pub mod strip_header;
+pub mod tap;
 pub mod timeout;
+pub mod trace;
 
 use http::{Request, Response};
 

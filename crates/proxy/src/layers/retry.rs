@@ -275,6 +275,15 @@ where
                 }
                 retries += 1;
                 metrics.retries.get_or_create(&labels("retried")).inc();
+                if let Some(events) = extensions.get::<crate::trace::SpanEvents>() {
+                    events.add(
+                        "retry",
+                        vec![
+                            ("attempt", retries.to_string()),
+                            ("reason", reason.to_owned()),
+                        ],
+                    );
+                }
                 let avoid = result
                     .as_ref()
                     .ok()
