@@ -11,6 +11,19 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked --quiet
 fi
 
+# The dashboard test drives a real headless Chromium; the Prometheus test runs a real
+# Prometheus against the demo mesh.
+need=()
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+command -v curl >/dev/null 2>&1 || need+=(curl)
+if [ "${#need[@]}" -gt 0 ]; then
+  echo "installing ${need[*]}..."
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
 cargo nextest run --workspace --all-targets --no-fail-fast
 
 fuzz_seconds="${FUZZ_SECONDS:-30}"

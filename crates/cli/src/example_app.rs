@@ -90,8 +90,9 @@ pub(crate) async fn run(args: ExampleArgs) -> Result<(), String> {
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let (args, mut grpc_clients) = (args.clone(), grpc_clients.clone());
                     async move {
+                        let trace = TraceHeaders::from(req.headers());
                         Ok::<_, Infallible>(
-                            handle(&args, proxy, &mut grpc_clients, req.uri().path()).await,
+                            handle(&args, proxy, &mut grpc_clients, req.uri().path(), &trace).await,
                         )
                     }
                 });
@@ -104,11 +105,27 @@ pub(crate) async fn run(args: ExampleArgs) -> Result<(), String> {
 
 type GrpcClient = pb::inventory_client::InventoryClient<tonic::transport::Channel>;
 
+/// The trace context of the request being served, copied onto the calls it makes (what an
+/// instrumented app does; the proxies create the spans).
+struct TraceHeaders(Vec<(&'static str, http::HeaderValue)>);
+
+impl From<&http::HeaderMap> for TraceHeaders {
+    fn from(headers: &http::HeaderMap) -> Self {
+        Self(
+            ["traceparent", "tracestate", "b3"]
+                .into_iter()
+                .filter_map(|name| Some((name, headers.get(name)?.clone())))
+                .collect(),
+        )
+    }
+}
+
 async fn handle(
     args: &ExampleArgs,
     proxy: Option<SocketAddr>,
     grpc: &mut [(String, GrpcClient)],
     path: &str,
+    trace: &TraceHeaders,
 ) -> hyper::Response<Full<Bytes>> {
     if args.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(args.latency_ms)).await;
@@ -116,7 +133,7 @@ async fn handle(
     let mut notes = Vec::new();
     let mut failed = false;
     for target in &args.calls {
-        match call_http(proxy, target, path).await {
+        match call_http(proxy, target, path, trace).await {
             Ok(200) => notes.push(format!("{target}=200")),
             Ok(status) => {
                 failed = true;
@@ -129,12 +146,19 @@ async fn handle(
         }
     }
     for (target, client) in grpc.iter_mut() {
-        match client
-            .check(pb::CheckRequest {
-                item: path.to_owned(),
-            })
-            .await
-        {
+        let mut request = tonic::Request::new(pb::CheckRequest {
+            item: path.to_owned(),
+        });
+        for (name, value) in &trace.0 {
+            let parsed = value
+                .to_str()
+                .ok()
+                .and_then(|v| v.parse::<tonic::metadata::AsciiMetadataValue>().ok());
+            if let Some(v) = parsed {
+                request.metadata_mut().insert(*name, v);
+            }
+        }
+        match client.check(request).await {
             Ok(r) => notes.push(format!("{target}=ok({})", r.get_ref().served_by)),
             Err(status) => {
                 failed = true;
@@ -157,7 +181,12 @@ async fn handle(
     rsp
 }
 
-async fn call_http(proxy: Option<SocketAddr>, target: &str, path: &str) -> Result<u16, String> {
+async fn call_http(
+    proxy: Option<SocketAddr>,
+    target: &str,
+    path: &str,
+    trace: &TraceHeaders,
+) -> Result<u16, String> {
     let proxy = proxy.ok_or("HTTP_PROXY is not set")?;
     let stream = tokio::net::TcpStream::connect(proxy)
         .await
@@ -166,7 +195,11 @@ async fn call_http(proxy: Option<SocketAddr>, target: &str, path: &str) -> Resul
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
-    let req = hyper::Request::get(format!("http://{target}{path}"))
+    let mut req = hyper::Request::get(format!("http://{target}{path}"));
+    for (name, value) in &trace.0 {
+        req = req.header(*name, value.clone());
+    }
+    let req = req
         .body(Full::new(Bytes::new()))
         .map_err(|e| e.to_string())?;
     let rsp = sender.send_request(req).await.map_err(|e| e.to_string())?;

@@ -345,6 +345,77 @@ async fn a_trace_through_three_services_reaches_the_otlp_receiver() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b3_callers_are_joined_and_spans_export_over_otlp_http() {
+    let receiver = OtlpReceiver::spawn().await;
+    let (_running, cp) = control("obs-b3", |_| {}).await;
+    // Sampling 0: only the caller's sampled flag makes these spans.
+    apply(
+        &cp,
+        &format!(
+            "apiVersion: trellis.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: mesh}}\nspec:\n  tracing: {{sampling: 0.0, otlpEndpoint: \"{}\", protocol: http/protobuf}}\n",
+            receiver.http_endpoint
+        ),
+    )
+    .await;
+    let (_app, web) = instance("web", "web-0", Behavior::default(), &cp, &[]).await;
+    let (client, up) = caller(&cp, "web", &[]).await;
+    wait_endpoints(&client, "web", 1).await;
+    for p in [&web, &client] {
+        eventually(
+            "tracing configured",
+            Duration::from_secs(5),
+            || async move {
+                let (_, body) = http_call(p.bound.admin, "GET", "/config", "", None).await;
+                body.contains("\"tracing\": true").then_some(())
+            },
+        )
+        .await;
+    }
+    let mut c = Client::connect(up).await;
+    let b3 = "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1";
+    assert_eq!(c.call("web", "/", &[("b3", b3)]).await.status, 200);
+    // Not sampled by the caller: no spans.
+    let unsampled = "80f198ee56343ba864fe8b2a57d3eff8-e457b5a2e4d86bd1-0";
+    assert_eq!(c.call("web", "/", &[("b3", unsampled)]).await.status, 200);
+
+    let spans = eventually(
+        "two spans over OTLP/HTTP",
+        Duration::from_secs(10),
+        || async {
+            let spans = receiver.spans();
+            (spans.len() >= 2).then_some(spans)
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(receiver.spans().len(), 2, "the unsampled request made none");
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let client_span = spans.iter().find(|s| s.service == "client").unwrap();
+    let web_span = spans.iter().find(|s| s.service == "web").unwrap();
+    assert_eq!(
+        hex(&client_span.span.trace_id),
+        "80f198ee56343ba864fe8b2a57d3eff7"
+    );
+    assert_eq!(hex(&client_span.span.parent_span_id), "e457b5a2e4d86bd1");
+    assert_eq!(web_span.span.trace_id, client_span.span.trace_id);
+    assert_eq!(web_span.span.parent_span_id, client_span.span.span_id);
+    let peer = web_span
+        .span
+        .attributes
+        .iter()
+        .find(|kv| kv.key == "trellis.peer.identity")
+        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+            trellis_api::otlp::any_value::Value::StringValue(s) => Some(s.clone()),
+            _ => None,
+        });
+    assert_eq!(
+        peer.as_deref(),
+        Some("spiffe://trellis.local/ns/default/svc/client"),
+        "the server span names the verified caller"
+    );
+}
+
 /// A chain link: a test app that calls `next` through its proxy's outbound listener and
 /// passes the trace headers on, as an instrumented app would; then its proxy.
 async fn chain_link_with_app(

@@ -535,7 +535,12 @@ async fn stats_services(State(st): State<Shared>, Query(q): Query<StatsQuery>) -
 /// `GET /api/v1/stats/edges`: golden signals per caller → callee.
 async fn stats_edges(State(st): State<Shared>, Query(q): Query<StatsQuery>) -> Response {
     let gathered = st.observer.gather(None, q.window.unwrap_or(60)).await;
-    axum::Json(crate::observe::edges_view(&gathered, &st.trust_domain)).into_response()
+    axum::Json(crate::observe::edges_view(
+        &gathered,
+        &st.hub.snapshot(),
+        &st.trust_domain,
+    ))
+    .into_response()
 }
 
 /// `GET /api/v1/stats/routes?service=`: per route of a service.

@@ -418,8 +418,13 @@ pub fn services_view(
 }
 
 /// Per caller → callee pair, as the callers' proxies saw their outbound traffic. The callee's
-/// identity is the one the caller's proxy verified when the edge is mTLS.
-pub fn edges_view(g: &Gathered, trust_domain: &str) -> Value {
+/// identity is the one the caller's proxy verified when the edge is mTLS; for a name with no
+/// instances of its own (a route that splits to other services) there is no single identity.
+pub fn edges_view(
+    g: &Gathered,
+    registry: &BTreeMap<ServiceName, Vec<DiscoveredEndpoint>>,
+    trust_domain: &str,
+) -> Value {
     /// One edge's traffic: the caller's namespace, the total and the per-bucket points.
     #[derive(Default)]
     struct Edge {
@@ -468,10 +473,15 @@ pub fn edges_view(g: &Gathered, trust_domain: &str) -> Value {
                 item["dst"] = json!(dst);
                 item["src_identity"] =
                     json!(format!("spiffe://{trust_domain}/ns/{namespace}/svc/{src}"));
-                item["dst_identity"] = if total.tls > 0 {
-                    json!(format!("spiffe://{trust_domain}/ns/{namespace}/svc/{dst}"))
-                } else {
-                    Value::Null
+                let callee = ServiceName::new(dst.as_str())
+                    .ok()
+                    .and_then(|name| registry.get(&name)?.first().cloned());
+                item["dst_identity"] = match callee {
+                    Some(e) if total.tls > 0 => json!(format!(
+                        "spiffe://{trust_domain}/ns/{}/svc/{dst}",
+                        e.namespace.as_str()
+                    )),
+                    _ => Value::Null,
                 };
                 item["series"] = json!(series_json(&points));
                 item

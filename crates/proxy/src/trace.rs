@@ -412,6 +412,16 @@ impl Exporter {
         Ok(())
     }
 
+    /// The spans queued so far (tests of the trace layer read them here).
+    #[cfg(test)]
+    pub fn queued(&mut self) -> Vec<FinishedSpan> {
+        let mut out = Vec::new();
+        while let Ok(s) = self.spans.try_recv() {
+            out.push(s);
+        }
+        out
+    }
+
     async fn run(mut self) {
         let mut client = OtlpClient::default();
         let mut warned_at: Option<std::time::Instant> = None;

@@ -197,3 +197,123 @@ where
         Poll::Ready(result)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::body;
+    use crate::trace::{TRACEPARENT, TraceResource, extract, hex};
+    use prometheus_client::registry::Registry;
+    use tower::ServiceExt;
+    use trellis_core::resources::{OtlpProtocol, TracingConfig};
+
+    fn tracer(sampling: f64) -> (Tracer, crate::trace::Exporter) {
+        let (tracer, exporter) = Tracer::new(
+            &mut Registry::default(),
+            TraceResource {
+                service: "web".into(),
+                namespace: "default".into(),
+                instance: "web-1".into(),
+            },
+        );
+        tracer.configure(Some(&TracingConfig {
+            sampling,
+            otlp_endpoint: Some("http://127.0.0.1:1".into()),
+            protocol: OtlpProtocol::Grpc,
+        }));
+        (tracer, exporter)
+    }
+
+    /// The inner service: records the traceparent it was given and a retry event.
+    fn app() -> impl Service<
+        HttpRequest,
+        Response = HttpResponse,
+        Error = std::convert::Infallible,
+        Future = impl Future<Output = Result<HttpResponse, std::convert::Infallible>>,
+    > + Clone {
+        tower::service_fn(|req: HttpRequest| async move {
+            if let Some(events) = req.extensions().get::<SpanEvents>() {
+                events.add("retry", vec![("attempt", "1".into())]);
+            }
+            let mut rsp = HttpResponse::new(body::empty());
+            if let Some(v) = req.headers().get(TRACEPARENT) {
+                rsp.headers_mut().insert("x-seen-traceparent", v.clone());
+            }
+            *rsp.status_mut() = http::StatusCode::BAD_GATEWAY;
+            Ok(rsp)
+        })
+    }
+
+    #[tokio::test]
+    async fn joins_the_callers_trace_and_becomes_the_next_parent() {
+        let (tracer, mut exporter) = tracer(0.0);
+        let svc = TraceLayer::new(tracer).layer(app());
+        let req = http::Request::builder()
+            .uri("/pay")
+            .header(
+                TRACEPARENT,
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
+            .body(body::empty())
+            .expect("request");
+        let rsp = svc.oneshot(req).await.expect("infallible");
+        let mut seen = http::HeaderMap::new();
+        seen.insert(TRACEPARENT, rsp.headers()["x-seen-traceparent"].clone());
+        let next = extract(&seen).expect("propagated");
+        let spans = exporter.queued();
+        assert_eq!(spans.len(), 1, "sampled by the caller even at sampling 0");
+        let span = &spans[0];
+        assert_eq!(hex(&span.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            span.parent_span_id.map(|p| hex(&p)).as_deref(),
+            Some("00f067aa0ba902b7")
+        );
+        assert_eq!(
+            next.span_id, span.span_id,
+            "the app sees this span as its parent"
+        );
+        assert!(span.error, "502");
+        assert_eq!(span.events.len(), 1);
+        assert_eq!(span.events[0].name, "retry");
+        assert!(
+            span.attributes
+                .contains(&("http.response.status_code", AttributeValue::Int(502)))
+        );
+    }
+
+    #[tokio::test]
+    async fn unsampled_requests_still_carry_context_but_make_no_span() {
+        let (tracer, mut exporter) = tracer(0.0);
+        let svc = TraceLayer::new(tracer.clone()).layer(app());
+        let rsp = svc
+            .clone()
+            .oneshot(http::Request::new(body::empty()))
+            .await
+            .expect("infallible");
+        let v = rsp.headers()["x-seen-traceparent"].to_str().expect("ascii");
+        assert!(v.ends_with("-00"), "not sampled: {v}");
+        assert!(exporter.queued().is_empty());
+
+        // Sampling 1: every new trace is recorded.
+        tracer.configure(Some(&TracingConfig {
+            sampling: 1.0,
+            otlp_endpoint: Some("http://127.0.0.1:1".into()),
+            protocol: OtlpProtocol::Grpc,
+        }));
+        svc.oneshot(http::Request::new(body::empty()))
+            .await
+            .expect("infallible");
+        let spans = exporter.queued();
+        assert_eq!(spans.len(), 1);
+        assert_eq!(spans[0].parent_span_id, None, "a root span");
+
+        // Off: nothing added to requests at all.
+        tracer.configure(None);
+        let svc = TraceLayer::new(tracer).layer(app());
+        let rsp = svc
+            .oneshot(http::Request::new(body::empty()))
+            .await
+            .expect("infallible");
+        assert!(!rsp.headers().contains_key("x-seen-traceparent"));
+    }
+}
