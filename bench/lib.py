@@ -289,13 +289,18 @@ def cg_total(path):
 # Report
 # --------------------------------------------------------------------------
 
-TARGET_ORDER = ["direct", "haproxy-1", "envoy-1", "trellis-1", "nginx-1",
+TARGET_ORDER = ["direct", "haproxy-1", "envoy-1", "trellis-1", "trellis-1-trace0",
+                "trellis-1-trace001", "trellis-1-trace1", "trellis-1-log", "nginx-1",
                 "haproxy-2", "envoy-2", "trellis-2", "trellis-mtls-2"]
 LABELS = {
     "direct": ("direct (backend)", 0),
     "haproxy-1": ("HAProxy", 1),
     "envoy-1": ("Envoy", 1),
     "trellis-1": ("trellis", 1),
+    "trellis-1-trace0": ("trellis, tracing sampling 0", 1),
+    "trellis-1-trace001": ("trellis, tracing sampling 0.01", 1),
+    "trellis-1-trace1": ("trellis, tracing sampling 1.0", 1),
+    "trellis-1-log": ("trellis, access log on", 1),
     "nginx-1": ("nginx (reference)", 1),
     "haproxy-2": ("HAProxy", 2),
     "envoy-2": ("Envoy", 2),

@@ -29,9 +29,12 @@ BACKEND_THREADS=${BENCH_BACKEND_THREADS:-1}
 OHA_THREADS=${BENCH_OHA_THREADS:-1}           # oha's tokio worker threads
 WARMUP=${BENCH_WARMUP:-1}                     # seconds of warm-up traffic per visit (0 = none)
 READY_TIMEOUT=${BENCH_READY_TIMEOUT:-30}
-TARGETS=${BENCH_TARGETS:-"direct haproxy-1 envoy-1 trellis-1 haproxy-2 envoy-2 trellis-2 trellis-mtls-2"}
+# trellis-1-* are trellis-1 with observability on: tracing at sampling 0, 0.01 and 1 (spans
+# exported over OTLP/HTTP to bench/otlp_sink.py), and access logs to a file.
+OBS_TARGETS="trellis-1-trace0 trellis-1-trace001 trellis-1-trace1 trellis-1-log"
+TARGETS=${BENCH_TARGETS:-"direct haproxy-1 envoy-1 trellis-1 $OBS_TARGETS haproxy-2 envoy-2 trellis-2 trellis-mtls-2"}
 SKIP_VALGRIND=${BENCH_SKIP_VALGRIND:-0}
-VG_TARGETS=${BENCH_VALGRIND_TARGETS:-"trellis-1 haproxy-1 nginx-1 envoy-1"}
+VG_TARGETS=${BENCH_VALGRIND_TARGETS:-"trellis-1 $OBS_TARGETS haproxy-1 nginx-1 envoy-1"}
 VG_N1=${BENCH_VALGRIND_N1:-$d_n1}
 VG_N2=${BENCH_VALGRIND_N2:-$d_n2}
 VG_TIMEOUT=${BENCH_VALGRIND_TIMEOUT:-120}     # seconds for a proxy to come up under valgrind
@@ -397,15 +400,22 @@ start_target() {
       nginx_cfg "$TDIR/nginx.conf" "${p[0]}" "$BACKEND_PORT" "$TDIR/nginx"
       runp nginx "${wrap[@]}" "$NGINX" -c "$TDIR/nginx.conf" -p "$TDIR/nginx" -e "$TDIR/nginx/error.log"
       TARGET_URL="http://127.0.0.1:${p[0]}/" ;;
-    trellis-1|trellis-2)
+    trellis-1|trellis-2|trellis-1-*)
       [[ -z $TRELLIS_BROKEN ]] || { FAIL_MSG="$TRELLIS_BROKEN"; return 1; }
       local extra=()
       [[ -n $TRELLIS_EXTRA_ARGS ]] && read -r -a extra <<<"$TRELLIS_EXTRA_ARGS"
+      local otlp=(--otlp-endpoint "http://127.0.0.1:$OTLP_PORT" --otlp-protocol http/protobuf)
+      case $t in
+        trellis-1-trace0) extra+=("${otlp[@]}" --trace-sampling 0) ;;
+        trellis-1-trace001) extra+=("${otlp[@]}" --trace-sampling 0.01) ;;
+        trellis-1-trace1) extra+=("${otlp[@]}" --trace-sampling 1) ;;
+        trellis-1-log) extra+=(--access-log "$TDIR/access.log") ;;
+      esac
       read -r -a p <<<"$(free_ports 7)"
       # p0 client outbound, p1 client inbound, p2 client admin, p3 upstream (load target)
       # p4 server inbound, p5 server outbound, p6 server admin
       local admins=("${p[2]}")
-      if [[ $t == trellis-1 ]]; then
+      if [[ $t == trellis-1* ]]; then
         trellis_client_cfg "$TDIR/c1.yaml" "$BACKEND_PORT" false
       else
         trellis_client_cfg "$TDIR/c1.yaml" "${p[4]}" true
@@ -687,6 +697,13 @@ log "work dir: $WORK"
 log "targets: $TARGETS; rounds: $ROUNDS; rates: $RATES; ${DURATION}s per rate, ${MAX_DURATION}s max run"
 [[ -n $TRELLIS_BROKEN ]] && log "trellis targets will be reported as failed: $TRELLIS_BROKEN"
 start_backend
+OTLP_PORT=; OTLP_PID=
+if need_any $OBS_TARGETS; then
+  OTLP_PORT=$(free_ports 1)
+  start_bg "$WORK/otlp_sink.log" python3 "$BENCH_DIR/otlp_sink.py" "$OTLP_PORT"
+  OTLP_PID=$LAST_PID
+  log "OTLP/HTTP sink on 127.0.0.1:$OTLP_PORT (pid $OTLP_PID)"
+fi
 
 for ((round = 1; round <= ROUNDS; round++)); do
   for t in $TARGETS; do
@@ -699,6 +716,10 @@ if [[ $SKIP_VALGRIND != 1 ]]; then
   valgrind_all
 fi
 stop_pids "$BACKEND_PID"
+if [[ -n $OTLP_PID ]]; then
+  stop_pids "$OTLP_PID"
+  log "$(tail -n1 "$WORK/otlp_sink.log")"
+fi
 
 write_header
 OUT=$OUT_DIR/$STAMP.md

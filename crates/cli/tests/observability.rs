@@ -236,6 +236,32 @@ async fn tap_streams_requests_and_stops_when_the_client_disconnects() {
         assert!(e["time"].as_str().unwrap().ends_with('Z'));
     }
 
+    // The proxy's own admin `/tap` (localhost): the same records, ending after `limit`.
+    let admin = web.bound.admin;
+    let local =
+        tokio::spawn(
+            async move { http_call(admin, "GET", "/tap?path=/local&limit=3", "", None).await },
+        );
+    eventually(
+        "the local tap subscribes",
+        Duration::from_secs(5),
+        || async { (web.metrics.tap.subscribers() == 2).then_some(()) },
+    )
+    .await;
+    let mut c = Client::connect(up).await;
+    for i in 0..5 {
+        c.call("web", &format!("/local/{i}"), &[]).await;
+    }
+    let (status, body) = local.await.unwrap();
+    assert_eq!(status, 200);
+    let local: Vec<Value> = body
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(local.len(), 3, "{body}");
+    assert_eq!(local[0]["path"], "/local/0");
+
     drop(tap);
     eventually(
         "the proxy's tap ends with the client",

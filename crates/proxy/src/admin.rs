@@ -1,4 +1,5 @@
-//! The admin server: `/live`, `/ready`, `/metrics`, `/config`, `/log-level`, `/shutdown`.
+//! The admin server: `/live`, `/ready`, `/metrics`, `/config`, `/explain`, `/tap`,
+//! `/log-level`, `/shutdown`.
 //!
 //! It runs on its own single-threaded runtime in its own OS thread, so a slow scrape or a burst
 //! of admin calls never takes a worker from the data path (and a saturated data path never
@@ -37,6 +38,8 @@ pub struct AdminState {
     pub log_level: Arc<dyn LogLevel>,
     /// For `/explain`.
     pub destinations: Arc<crate::http::destinations::Destinations>,
+    /// For `/tap`.
+    pub tap: crate::tap::Tap,
 }
 
 /// Handle to the admin server's connections, to let them finish their responses at exit.
@@ -103,16 +106,96 @@ pub fn spawn(listener: std::net::TcpListener, state: AdminState) -> std::io::Res
     Ok(AdminHandle { connections })
 }
 
-type AdminResponse = Response<Full<Bytes>>;
+type AdminResponse = Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>;
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> AdminResponse {
-    let mut rsp = Response::new(Full::new(body.into()));
+    let mut rsp = Response::new(Full::new(body.into()).boxed());
     *rsp.status_mut() = status;
     rsp.headers_mut().insert(
         CONTENT_TYPE,
         http::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     rsp
+}
+
+/// `GET /tap?service=&path=&method=&limit=`: newline-delimited JSON, one line per request this
+/// proxy handles (metadata only) while the client stays, at most 100 a second.
+fn tap(query: Option<&str>, hub: &crate::tap::Tap) -> AdminResponse {
+    let mut service = None;
+    let mut filter = crate::tap::TapFilter::default();
+    let mut limit = None;
+    for (k, v) in query
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+    {
+        match k {
+            "service" if !v.is_empty() => service = Some(v.to_owned()),
+            "path" if !v.is_empty() => filter.path_prefix = Some(v.to_owned()),
+            "method" if !v.is_empty() => filter.method = Some(v.to_owned()),
+            "limit" => match v.parse::<u64>() {
+                Ok(n) => limit = Some(n),
+                Err(_) => return text(StatusCode::BAD_REQUEST, "limit: not a number\n"),
+            },
+            _ => {}
+        }
+    }
+    let (subscription, records) = hub.subscribe(filter, 100);
+    let mut rsp = Response::new(
+        TapBody {
+            records,
+            _subscription: subscription,
+            service,
+            remaining: limit,
+        }
+        .boxed(),
+    );
+    rsp.headers_mut().insert(
+        CONTENT_TYPE,
+        http::HeaderValue::from_static("application/x-ndjson"),
+    );
+    rsp
+}
+
+/// Streams tap records as JSON lines; the subscription ends with the body.
+struct TapBody {
+    records: tokio::sync::mpsc::Receiver<crate::tap::TapRecord>,
+    _subscription: crate::tap::TapSubscription,
+    service: Option<String>,
+    remaining: Option<u64>,
+}
+
+impl http_body::Body for TapBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        use std::task::Poll;
+        loop {
+            if self.remaining == Some(0) {
+                return Poll::Ready(None);
+            }
+            let Some(record) = std::task::ready!(self.records.poll_recv(cx)) else {
+                return Poll::Ready(None);
+            };
+            if self
+                .service
+                .as_ref()
+                .is_some_and(|s| *s != record.src && *s != record.dst)
+            {
+                continue;
+            }
+            if let Some(n) = self.remaining.as_mut() {
+                *n -= 1;
+            }
+            let mut line = serde_json::to_vec(&record).unwrap_or_default();
+            line.push(b'\n');
+            return Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from(line)))));
+        }
+    }
 }
 
 async fn route(req: Request<Incoming>, client: SocketAddr, state: &AdminState) -> AdminResponse {
@@ -172,6 +255,7 @@ async fn route(req: Request<Incoming>, client: SocketAddr, state: &AdminState) -
                 Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
             }
         }
+        (&Method::GET, "/tap") => tap(req.uri().query(), &state.tap),
         (&Method::GET, "/log-level") => {
             text(StatusCode::OK, format!("{}\n", state.log_level.get()))
         }

@@ -124,6 +124,8 @@ pub async fn start(
             instance: config.instance.clone(),
         },
     );
+    // Static mode's flags; with a control plane, MeshConfig replaces this when it arrives.
+    tracer.configure(config.tracing.as_ref());
     exporter.spawn().map_err(|source| BindError {
         what: "trace exporter".into(),
         addr: ([0, 0, 0, 0], 0).into(),
@@ -277,6 +279,7 @@ pub async fn start(
             config: describe,
             log_level,
             destinations: destinations.clone(),
+            tap: metrics.tap.clone(),
         },
     )
     .map_err(|source| BindError {

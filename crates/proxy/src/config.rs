@@ -84,6 +84,16 @@ pub struct Args {
     /// Access log: a file path, stdout, or off.
     #[arg(long, env = "TRELLIS_ACCESS_LOG", default_value = "off")]
     pub access_log: String,
+    /// OTLP endpoint for spans, e.g. http://127.0.0.1:4317 (static mode; with a control
+    /// plane, MeshConfig `tracing` decides).
+    #[arg(long, env = "TRELLIS_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// `grpc` or `http/protobuf`.
+    #[arg(long, env = "TRELLIS_OTLP_PROTOCOL", default_value = "grpc")]
+    pub otlp_protocol: String,
+    /// Share of new traces recorded (0..1) with --otlp-endpoint.
+    #[arg(long, env = "TRELLIS_TRACE_SAMPLING", default_value_t = 0.0)]
+    pub trace_sampling: f64,
     /// How long protocol detection waits for a client's first bytes.
     #[arg(long, env = "TRELLIS_DETECT_TIMEOUT", default_value = "100ms")]
     pub detect_timeout: String,
@@ -149,6 +159,8 @@ pub struct ProxyConfig {
     pub log_format: LogFormat,
     pub log_level: String,
     pub access_log: AccessLogTarget,
+    /// From --otlp-endpoint/--otlp-protocol/--trace-sampling (static mode).
+    pub tracing: Option<trellis_core::resources::TracingConfig>,
     #[serde(with = "duration_str")]
     pub detect_timeout: Duration,
     #[serde(with = "duration_str")]
@@ -198,6 +210,44 @@ fn flag<T>(flag: &'static str, r: Result<T, impl std::fmt::Display>) -> Result<T
         flag,
         reason: e.to_string(),
     })
+}
+
+/// `--otlp-endpoint` and friends, checked like MeshConfig `tracing`.
+fn tracing_flags(
+    args: &Args,
+) -> Result<Option<trellis_core::resources::TracingConfig>, InvalidConfig> {
+    use trellis_core::resources::{OtlpProtocol, TracingConfig};
+    let Some(endpoint) = &args.otlp_endpoint else {
+        return Ok(None);
+    };
+    let bad = |flag: &'static str, reason: String| InvalidConfig::Flag { flag, reason };
+    if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+        return Err(bad(
+            "otlp-endpoint",
+            format!("{endpoint:?} is not an http:// URL"),
+        ));
+    }
+    if !(0.0..=1.0).contains(&args.trace_sampling) {
+        return Err(bad(
+            "trace-sampling",
+            format!("{} is not between 0 and 1", args.trace_sampling),
+        ));
+    }
+    let protocol = match args.otlp_protocol.as_str() {
+        "grpc" => OtlpProtocol::Grpc,
+        "http/protobuf" => OtlpProtocol::HttpProtobuf,
+        other => {
+            return Err(bad(
+                "otlp-protocol",
+                format!("{other:?}: expected grpc or http/protobuf"),
+            ));
+        }
+    };
+    Ok(Some(TracingConfig {
+        sampling: args.trace_sampling,
+        otlp_endpoint: Some(endpoint.clone()),
+        protocol,
+    }))
 }
 
 impl ProxyConfig {
@@ -356,6 +406,7 @@ impl ProxyConfig {
                 reason: "required with --control (create one with `trellis token create --service NAME`)".into(),
             });
         }
+        let tracing = tracing_flags(&args)?;
         Ok(Self {
             instance: args.instance.unwrap_or_else(default_instance),
             app: flag("app", parse_socket_addr(&args.app))?,
@@ -389,6 +440,7 @@ impl ProxyConfig {
             log_format,
             log_level: args.log_level,
             access_log: flag("access-log", args.access_log.parse())?,
+            tracing,
             detect_timeout: positive("detect-timeout", &args.detect_timeout)?,
             drain_timeout: positive("drain-timeout", &args.drain_timeout)?,
             connect_timeout: positive("connect-timeout", &args.connect_timeout)?,
@@ -419,6 +471,44 @@ mod tests {
             Args::try_parse_from(std::iter::once("trellis-proxy").chain(args.iter().copied()))
                 .expect("clap");
         ProxyConfig::from_args(args)
+    }
+
+    #[test]
+    fn tracing_flags_are_checked() {
+        let c = parse(&[
+            "--service",
+            "web",
+            "--otlp-endpoint",
+            "http://127.0.0.1:4318",
+            "--otlp-protocol",
+            "http/protobuf",
+            "--trace-sampling",
+            "0.5",
+        ])
+        .expect("valid");
+        let t = c.tracing.expect("tracing");
+        assert_eq!(t.sampling, 0.5);
+        for (bad, flag) in [
+            (["--otlp-endpoint", "collector:4317"], "otlp-endpoint"),
+            (["--otlp-protocol", "zipkin"], "otlp-protocol"),
+            (["--trace-sampling", "2"], "trace-sampling"),
+        ] {
+            let mut args = vec!["--service", "web"];
+            if flag != "otlp-endpoint" {
+                args.extend(["--otlp-endpoint", "http://c:4317"]);
+            }
+            args.extend(bad);
+            match parse(&args) {
+                Err(InvalidConfig::Flag { flag: f, .. }) => assert_eq!(f, flag),
+                other => panic!("{flag}: {:?}", other.map(|_| ())),
+            }
+        }
+        assert!(
+            parse(&["--service", "web"])
+                .expect("valid")
+                .tracing
+                .is_none()
+        );
     }
 
     #[test]

@@ -32,6 +32,7 @@ use crate::http::{Direction, RequestMeta};
 use crate::layers::{HttpRequest, HttpResponse};
 use crate::metrics::{EjectionLabels, EndpointLabels, Label, Metrics, RetryLabels};
 use crate::tcp::{BoxedIo, TcpFlow};
+use crate::trace::SpanEvents;
 
 /// Extension: the backend service a route chose (absent: the destination itself).
 #[derive(Debug, Clone)]
@@ -90,13 +91,15 @@ impl Forward {
         }))
     }
 
-    /// Feeds an outcome to outlier detection and reports ejections.
+    /// Feeds an outcome to outlier detection and reports ejections (in metrics, logs and the
+    /// request's span when it is sampled).
     fn record(
         &self,
         backend: &DestinationState,
         endpoint: &Endpoint,
         in_flight: &InFlight,
         outcome: Outcome,
+        span: Option<&SpanEvents>,
     ) {
         let transition = backend.record(in_flight, outcome);
         let reason = match outcome {
@@ -113,6 +116,16 @@ impl Forward {
             Transition::None => {}
             Transition::Ejected { duration } => {
                 tracing::warn!(dst = %backend.name, endpoint = %endpoint.address, reason, ejected_for = ?duration, "endpoint ejected");
+                if let Some(span) = span {
+                    span.add(
+                        "endpoint-ejected",
+                        vec![
+                            ("endpoint", endpoint.address.to_string()),
+                            ("reason", reason.to_owned()),
+                            ("ejected_ms", duration.as_millis().to_string()),
+                        ],
+                    );
+                }
                 self.metrics
                     .ejections
                     .get_or_create(&EjectionLabels {
@@ -196,6 +209,7 @@ impl Forward {
             .extensions_mut()
             .remove::<SelectedRoute>()
             .and_then(|r| r.0.backend_timeout);
+        let span = req.extensions().get::<SpanEvents>().cloned();
 
         if req.method() == Method::CONNECT {
             let meta = req.extensions().get::<RequestMeta>().cloned();
@@ -212,7 +226,7 @@ impl Forward {
                 Ok(_) => Outcome::Success,
                 Err(e) => Outcome::Failure(e.reason()),
             };
-            self.record(&backend, &endpoint, &in_flight, outcome);
+            self.record(&backend, &endpoint, &in_flight, outcome, span.as_ref());
             let upstream = upstream?;
             let flow = tcp_flow(meta.as_ref(), &dest);
             return Ok(tunnel::accept_connect(
@@ -237,7 +251,7 @@ impl Forward {
                 Ok(_) => Outcome::Success,
                 Err(e) => Outcome::Failure(e.reason()),
             };
-            self.record(&backend, &endpoint, &in_flight, outcome);
+            self.record(&backend, &endpoint, &in_flight, outcome, span.as_ref());
             let rsp = rsp?;
             let flow = tcp_flow(meta.as_ref(), &dest);
             return Ok(tunnel::relay_upgrade(
@@ -269,12 +283,22 @@ impl Forward {
                             &endpoint,
                             &in_flight,
                             Outcome::Failure(e.reason()),
+                            span.as_ref(),
                         );
                         if repicked || !backend.retry_budget.withdraw() {
                             return Err(e);
                         }
                         repicked = true;
                         self.count_retry(&backend, &req, "connect-failed");
+                        if let Some(span) = &span {
+                            span.add(
+                                "retry",
+                                vec![
+                                    ("reason", "connect-failed".to_owned()),
+                                    ("endpoint", endpoint.address.to_string()),
+                                ],
+                            );
+                        }
                         (endpoint, in_flight) = backend.pick_avoiding(endpoint.address)?;
                     }
                 }
@@ -340,7 +364,7 @@ impl Forward {
                 Outcome::Success => in_flight.observe_latency(),
                 Outcome::Failure(_) => in_flight.observe_failure(),
             }
-            self.record(&backend, &endpoint, &in_flight, outcome);
+            self.record(&backend, &endpoint, &in_flight, outcome, span.as_ref());
         }
         let mut rsp = result?;
         if rsp.status().is_server_error() || rsp.status() == http::StatusCode::TOO_MANY_REQUESTS {
