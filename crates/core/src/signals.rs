@@ -163,7 +163,7 @@ pub enum Direction {
 }
 
 /// One series: traffic in one direction with one peer service on one route.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct SeriesKey {
     pub direction: Direction,
     /// Inbound: the calling service; outbound: the destination service.
@@ -172,20 +172,129 @@ pub struct SeriesKey {
 }
 
 /// One path (without its query), for the busiest-paths view.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PathKey {
     pub direction: Direction,
     pub method: String,
     pub path: String,
 }
 
+/// A key's parts as borrowed strings. Keys hash through their parts, so a map of owned keys
+/// can be searched with the request's own strings: recording a request allocates only when it
+/// starts a new series or path.
+trait KeyParts {
+    fn parts(&self) -> (Direction, &str, &str);
+}
+
+/// A lookup key made of the request's strings.
+type Probe<'a> = (Direction, &'a str, &'a str);
+
+impl KeyParts for Probe<'_> {
+    fn parts(&self) -> (Direction, &str, &str) {
+        *self
+    }
+}
+
+impl KeyParts for SeriesKey {
+    fn parts(&self) -> (Direction, &str, &str) {
+        (self.direction, &self.peer, &self.route)
+    }
+}
+
+impl KeyParts for PathKey {
+    fn parts(&self) -> (Direction, &str, &str) {
+        (self.direction, &self.method, &self.path)
+    }
+}
+
+impl std::hash::Hash for dyn KeyParts + '_ {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.parts().hash(h);
+    }
+}
+
+impl PartialEq for dyn KeyParts + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn KeyParts + '_ {}
+
+macro_rules! key_by_parts {
+    ($key:ty) => {
+        impl std::hash::Hash for $key {
+            fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+                self.parts().hash(h);
+            }
+        }
+
+        impl<'a> std::borrow::Borrow<dyn KeyParts + 'a> for $key {
+            fn borrow(&self) -> &(dyn KeyParts + 'a) {
+                self
+            }
+        }
+    };
+}
+
+key_by_parts!(SeriesKey);
+key_by_parts!(PathKey);
+
+/// Counts one request under `probe` in `map`, or under the `other` key once `map` holds
+/// `limit` keys.
+fn record_in<K>(
+    map: &mut FastMap<K, Window>,
+    probe: Probe<'_>,
+    limit: usize,
+    key: impl Fn(Direction, &str, &str) -> K,
+    o: &Observation<'_>,
+) where
+    K: std::hash::Hash + Eq + for<'a> std::borrow::Borrow<dyn KeyParts + 'a>,
+{
+    let window = if let Some(w) = map.get_mut(&probe as &dyn KeyParts) {
+        w
+    } else if map.len() < limit {
+        map.entry(key(probe.0, probe.1, probe.2)).or_default()
+    } else {
+        map.entry(key(probe.0, OTHER, OTHER)).or_default()
+    };
+    window.record(o.success, o.tls, o.latency_micros);
+}
+
+/// A fast, unkeyed hash (the multiply-rotate of rustc's FxHash). Keys come from requests, but
+/// a bucket holds at most a few hundred of them, so colliding keys cannot cost much; SipHash's
+/// flooding resistance would cost more than it saves on every request.
+#[derive(Default, Clone, Copy)]
+pub struct FastHasher(u64);
+
+impl std::hash::Hasher for FastHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x517c_c1b7_2722_0a95;
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(c);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word)).wrapping_mul(K);
+        }
+        for b in chunks.remainder() {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(*b)).wrapping_mul(K);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+pub type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FastHasher>>;
+
 /// The traffic of one time bucket.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Bucket {
     /// Unix seconds at which the bucket starts (a multiple of [`BUCKET_SECS`]).
     pub start_unix: i64,
-    pub series: HashMap<SeriesKey, Window>,
-    pub paths: HashMap<PathKey, Window>,
+    pub series: FastMap<SeriesKey, Window>,
+    pub paths: FastMap<PathKey, Window>,
 }
 
 impl Bucket {
@@ -285,27 +394,17 @@ impl RollingSignals {
         let Some(bucket) = self.current(now_unix) else {
             return;
         };
-        let series = SeriesKey {
-            direction: o.direction,
-            peer: o.peer.to_owned(),
-            route: o.route.to_owned(),
-        };
-        let series =
-            if bucket.series.contains_key(&series) || bucket.series.len() < limits.max_series {
-                series
-            } else {
-                SeriesKey {
-                    direction: o.direction,
-                    peer: OTHER.into(),
-                    route: OTHER.into(),
-                }
-            };
-        bucket
-            .series
-            .entry(series)
-            .or_default()
-            .record(o.success, o.tls, o.latency_micros);
-
+        record_in(
+            &mut bucket.series,
+            (o.direction, o.peer, o.route),
+            limits.max_series,
+            |direction, peer, route| SeriesKey {
+                direction,
+                peer: peer.to_owned(),
+                route: route.to_owned(),
+            },
+            o,
+        );
         let mut path = o.path;
         if path.len() > MAX_PATH_LEN {
             let mut cut = MAX_PATH_LEN;
@@ -314,25 +413,17 @@ impl RollingSignals {
             }
             path = &path[..cut];
         }
-        let key = PathKey {
-            direction: o.direction,
-            method: o.method.to_owned(),
-            path: path.to_owned(),
-        };
-        let key = if bucket.paths.contains_key(&key) || bucket.paths.len() < limits.max_paths {
-            key
-        } else {
-            PathKey {
-                direction: o.direction,
-                method: OTHER.into(),
-                path: OTHER.into(),
-            }
-        };
-        bucket
-            .paths
-            .entry(key)
-            .or_default()
-            .record(o.success, o.tls, o.latency_micros);
+        record_in(
+            &mut bucket.paths,
+            (o.direction, o.method, path),
+            limits.max_paths,
+            |direction, method, path| PathKey {
+                direction,
+                method: method.to_owned(),
+                path: path.to_owned(),
+            },
+            o,
+        );
     }
 
     /// Copies of the buckets that start at or after `since_unix`, oldest first.

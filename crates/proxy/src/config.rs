@@ -221,7 +221,7 @@ fn tracing_flags(
         return Ok(None);
     };
     let bad = |flag: &'static str, reason: String| InvalidConfig::Flag { flag, reason };
-    if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+    if !endpoint.starts_with("http://") {
         return Err(bad(
             "otlp-endpoint",
             format!("{endpoint:?} is not an http:// URL"),

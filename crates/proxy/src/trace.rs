@@ -77,14 +77,21 @@ fn b3_trace_id(s: &str) -> Option<[u8; 16]> {
     }
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[(b >> 4) as usize] as char);
-        s.push(DIGITS[(b & 15) as usize] as char);
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+
+/// Lower-case hex of `bytes` into `out` (twice as long).
+fn hex_into(bytes: &[u8], out: &mut [u8]) {
+    for (b, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = HEX_DIGITS[(b >> 4) as usize];
+        pair[1] = HEX_DIGITS[(b & 15) as usize];
     }
-    s
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    let mut out = vec![0u8; bytes.len() * 2];
+    hex_into(bytes, &mut out);
+    // Only ASCII hex digits were written.
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// Reads `traceparent`, else `b3`, else `x-b3-*`. Malformed values are ignored (a new trace
@@ -144,11 +151,21 @@ pub fn inject(
     sampled: bool,
     propagation: Propagation,
 ) {
-    let flag = if sampled { "01" } else { "00" };
-    let (trace, span) = (hex(trace_id), hex(span_id));
-    if let Ok(v) = HeaderValue::from_str(&format!("00-{trace}-{span}-{flag}")) {
+    // `00-<32 hex>-<16 hex>-<2 hex>`, written in place: this runs for every request while
+    // tracing is on, sampled or not.
+    let mut traceparent = [0u8; 55];
+    traceparent[..3].copy_from_slice(b"00-");
+    hex_into(trace_id, &mut traceparent[3..35]);
+    traceparent[35] = b'-';
+    hex_into(span_id, &mut traceparent[36..52]);
+    traceparent[52..].copy_from_slice(if sampled { b"-01" } else { b"-00" });
+    if let Ok(v) = HeaderValue::from_bytes(&traceparent) {
         headers.insert(TRACEPARENT, v);
     }
+    if propagation == Propagation::W3c {
+        return;
+    }
+    let (trace, span) = (hex(trace_id), hex(span_id));
     let b3_sampled = if sampled { "1" } else { "0" };
     match propagation {
         Propagation::W3c => {}

@@ -229,3 +229,37 @@ fn referenced_services_name_their_fields() {
         "a Service refers to nothing"
     );
 }
+
+#[test]
+fn mesh_config_observability_fields_are_checked() {
+    let mesh = |spec: &str| {
+        format!(
+            "apiVersion: trellis.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: mesh}}\nspec: {spec}\n"
+        )
+    };
+    let ok = parse_documents(&mesh(
+        "{tracing: {sampling: 0.01, otlpEndpoint: \"http://127.0.0.1:4318\", protocol: http/protobuf}, accessLogServices: [payments], metrics: {maxPaths: 50, maxRoutesPerService: 20}}",
+    ))
+    .expect("valid");
+    let Spec::MeshConfig(m) = &ok[0].spec else {
+        panic!("a MeshConfig")
+    };
+    assert!(m.access_log_for("payments") && !m.access_log_for("orders"));
+    assert_eq!(m.signal_limits().max_paths, 50);
+    assert_eq!(m.signal_limits().max_series, 20);
+    for (spec, path) in [
+        (
+            "{tracing: {otlpEndpoint: \"https://collector:4317\"}}",
+            "spec.tracing.otlpEndpoint",
+        ),
+        ("{tracing: {protocol: zipkin}}", "spec.tracing.protocol"),
+        (
+            "{accessLogServices: [Not_A_Name]}",
+            "spec.accessLogServices[0]",
+        ),
+        ("{metrics: {maxPaths: 0}}", "spec.metrics.maxPaths"),
+    ] {
+        let e = one_error(&mesh(spec));
+        assert_eq!(e.path, path, "{spec}: {e}");
+    }
+}

@@ -208,6 +208,23 @@ mod tests {
                 .get(),
             1
         );
+
+        // The same requests in the golden-signal windows: outbound, peer = the destination.
+        let buckets = metrics.signals.last(60);
+        let merged = trellis_core::signals::merge_buckets(&buckets);
+        let bucket = merged.values().next().expect("a bucket");
+        let series = &bucket.series[&trellis_core::signals::SeriesKey {
+            direction: SignalDirection::Outbound,
+            peer: "payments".into(),
+            route: "default".into(),
+        }];
+        assert_eq!((series.requests, series.failures, series.tls), (3, 1, 0));
+        let ok_path = bucket
+            .paths
+            .iter()
+            .find(|(k, _)| k.path == "/ok")
+            .expect("/ok kept");
+        assert_eq!((ok_path.0.method.as_str(), ok_path.1.requests), ("GET", 2));
     }
 
     #[test]
