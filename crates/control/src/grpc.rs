@@ -267,9 +267,11 @@ impl pb::proxy_control_server::ProxyControl for ControlService {
                     Push::SignalsRequest {
                         query_id,
                         window_secs,
+                        paths,
                     } => pb::control_message::Message::SignalsRequest(pb::SignalsRequest {
                         query_id,
                         window_secs,
+                        paths,
                     }),
                     Push::TapStart {
                         tap_id,
@@ -340,7 +342,7 @@ impl pb::proxy_control_server::ProxyControl for ControlService {
                         Ok(())
                     }
                     Some(pb::proxy_message::Message::TapEvent(event)) => {
-                        observer.tap_event(event);
+                        observer.tap_event(id, event);
                         Ok(())
                     }
                     Some(pb::proxy_message::Message::Denials(d)) => {

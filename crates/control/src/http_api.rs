@@ -521,7 +521,7 @@ async fn stats_services(State(st): State<Shared>, Query(q): Query<StatsQuery>) -
     };
     let gathered = st
         .observer
-        .gather(service.as_ref(), q.window.unwrap_or(60))
+        .gather(service.as_ref(), q.window.unwrap_or(60), false)
         .await;
     let registry = st.hub.snapshot();
     axum::Json(crate::observe::services_view(
@@ -534,7 +534,10 @@ async fn stats_services(State(st): State<Shared>, Query(q): Query<StatsQuery>) -
 
 /// `GET /api/v1/stats/edges`: golden signals per caller → callee.
 async fn stats_edges(State(st): State<Shared>, Query(q): Query<StatsQuery>) -> Response {
-    let gathered = st.observer.gather(None, q.window.unwrap_or(60)).await;
+    let gathered = st
+        .observer
+        .gather(None, q.window.unwrap_or(60), false)
+        .await;
     axum::Json(crate::observe::edges_view(
         &gathered,
         &st.hub.snapshot(),
@@ -552,7 +555,7 @@ async fn stats_routes(State(st): State<Shared>, Query(q): Query<StatsQuery>) -> 
     };
     let gathered = st
         .observer
-        .gather(Some(&service), q.window.unwrap_or(60))
+        .gather(Some(&service), q.window.unwrap_or(60), false)
         .await;
     axum::Json(crate::observe::routes_view(&gathered, &service)).into_response()
 }
@@ -566,7 +569,7 @@ async fn stats_paths(State(st): State<Shared>, Query(q): Query<StatsQuery>) -> R
     };
     let gathered = st
         .observer
-        .gather(Some(&service), q.window.unwrap_or(60))
+        .gather(Some(&service), q.window.unwrap_or(60), true)
         .await;
     axum::Json(crate::observe::paths_view(
         &gathered,

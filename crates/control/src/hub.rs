@@ -34,10 +34,12 @@ pub enum Push {
     MeshConfig(MeshConfigSpec),
     Inbound(InboundView),
     TrustBundle(String),
-    /// Asks for the golden-signal buckets of the last `window_secs` seconds.
+    /// Asks for the golden-signal buckets of the last `window_secs` seconds (with per-path
+    /// windows when `paths`).
     SignalsRequest {
         query_id: u64,
         window_secs: u32,
+        paths: bool,
     },
     TapStart {
         tap_id: u64,

@@ -31,10 +31,19 @@ pub const MAX_WINDOW_SECS: u32 = 300;
 /// Tap events per second per proxy, at most, whatever a client asks.
 pub const MAX_TAP_RATE: u32 = 100;
 
+/// Answers younger than this are reused: a dashboard asks for services and edges at once, and
+/// several dashboards may be open, but each should cost the proxies one request.
+const REUSE_FOR: Duration = Duration::from_secs(1);
+
+/// What a query asked: service filter, window, whether paths were included.
+type QueryKey = (Option<ServiceName>, u32, bool);
+
 #[derive(Default)]
 struct State {
     queries: HashMap<u64, mpsc::UnboundedSender<(SessionId, pb::SignalsReport)>>,
-    taps: HashMap<u64, mpsc::Sender<pb::TapEvent>>,
+    /// Open taps: where their events go, and the sessions asked to tap (only they may send).
+    taps: HashMap<u64, (mpsc::Sender<pb::TapEvent>, Vec<SessionId>)>,
+    recent: HashMap<QueryKey, (std::time::Instant, Arc<Gathered>)>,
 }
 
 pub struct Observer {
@@ -73,10 +82,32 @@ impl Observer {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Asks every proxy (of `service`, or all) for its last `window_secs` and waits for the
-    /// answers, at most [`GATHER_TIMEOUT`].
-    pub async fn gather(&self, service: Option<&ServiceName>, window_secs: u32) -> Gathered {
+    /// Asks every proxy (of `service`, or all) for its last `window_secs` (with per-path
+    /// windows when `paths`) and waits for the answers, at most [`GATHER_TIMEOUT`]. An answer
+    /// to the same question younger than [`REUSE_FOR`] is reused.
+    pub async fn gather(
+        &self,
+        service: Option<&ServiceName>,
+        window_secs: u32,
+        paths: bool,
+    ) -> Arc<Gathered> {
         let window_secs = window_secs.clamp(BUCKET_SECS as u32, MAX_WINDOW_SECS);
+        let key: QueryKey = (service.cloned(), window_secs, paths);
+        {
+            let mut st = self.lock();
+            st.recent.retain(|_, (at, _)| at.elapsed() < REUSE_FOR);
+            if let Some((_, g)) = st.recent.get(&key) {
+                return g.clone();
+            }
+        }
+        let gathered = Arc::new(self.ask(service, window_secs, paths).await);
+        self.lock()
+            .recent
+            .insert(key, (std::time::Instant::now(), gathered.clone()));
+        gathered
+    }
+
+    async fn ask(&self, service: Option<&ServiceName>, window_secs: u32, paths: bool) -> Gathered {
         let targets = self.hub.session_targets(service);
         let query_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -88,6 +119,7 @@ impl Observer {
                 Push::SignalsRequest {
                     query_id,
                     window_secs,
+                    paths,
                 },
             ) {
                 waiting.insert(t.session, t);
@@ -139,9 +171,12 @@ impl Observer {
     ) -> TapStream {
         let tap_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(1024);
-        self.lock().taps.insert(tap_id, tx);
+        let targets = self.hub.session_targets(Some(service));
+        self.lock()
+            .taps
+            .insert(tap_id, (tx, targets.iter().map(|t| t.session).collect()));
         let mut sessions = Vec::new();
-        for t in self.hub.session_targets(Some(service)) {
+        for t in targets {
             if self.hub.send_to(
                 t.session,
                 Push::TapStart {
@@ -164,8 +199,15 @@ impl Observer {
         }
     }
 
-    pub fn tap_event(&self, event: pb::TapEvent) {
-        if let Some(tx) = self.lock().taps.get(&event.tap_id) {
+    /// An event from `session` for one of its taps (events for taps the session was not asked
+    /// for are ignored: a proxy cannot write into another service's tap).
+    pub fn tap_event(&self, session: SessionId, event: pb::TapEvent) {
+        if let Some((tx, _)) = self
+            .lock()
+            .taps
+            .get(&event.tap_id)
+            .filter(|(_, allowed)| allowed.contains(&session))
+        {
             // A slow HTTP client loses events rather than backing up the session.
             let _ = tx.try_send(event);
         }

@@ -299,17 +299,17 @@ impl ControlClient {
         let send = |m: pb::proxy_message::Message| pb::ProxyMessage { message: Some(m) };
         match m {
             pb::control_message::Message::SignalsRequest(r) => {
-                let report = pb::SignalsReport {
+                let mut buckets = self.metrics.signals.last(r.window_secs.min(3600));
+                if !r.paths {
+                    for b in &mut buckets {
+                        b.paths.clear();
+                    }
+                }
+                let report = bounded_report(pb::SignalsReport {
                     query_id: r.query_id,
-                    buckets: self
-                        .metrics
-                        .signals
-                        .last(r.window_secs.min(3600))
-                        .iter()
-                        .map(Into::into)
-                        .collect(),
+                    buckets: buckets.iter().map(Into::into).collect(),
                     endpoints: unavailable_endpoints(&self.destinations.describe()),
-                };
+                });
                 // A full queue means the session is in trouble; the control plane times out.
                 let _ = tx.try_send(send(pb::proxy_message::Message::Signals(report)));
                 true
@@ -489,6 +489,24 @@ impl ControlClient {
     }
 }
 
+/// A report stays well under the control plane's message limit (4 MiB; a larger message
+/// would end the session): paths go first, then the oldest buckets.
+const MAX_REPORT_BYTES: usize = 1 << 20;
+
+fn bounded_report(mut report: pb::SignalsReport) -> pb::SignalsReport {
+    use prost::Message;
+    if report.encoded_len() > MAX_REPORT_BYTES {
+        for b in &mut report.buckets {
+            b.paths.clear();
+        }
+    }
+    while report.encoded_len() > MAX_REPORT_BYTES && !report.buckets.is_empty() {
+        report.buckets.remove(0);
+    }
+    report.endpoints.truncate(1000);
+    report
+}
+
 /// The endpoints this proxy keeps out of rotation, from the `/config` view of its
 /// destinations.
 fn unavailable_endpoints(destinations: &serde_json::Value) -> Vec<pb::EndpointState> {
@@ -513,4 +531,50 @@ fn unavailable_endpoints(destinations: &serde_json::Value) -> Vec<pb::EndpointSt
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn reports_stay_under_the_message_limit_keeping_the_newest_buckets() {
+        let window = pb::SignalWindow {
+            requests: 1,
+            indexes: (0..200).collect(),
+            counts: vec![1; 200],
+            ..Default::default()
+        };
+        let bucket = |start: i64| pb::SignalBucket {
+            start_unix: start,
+            series: (0..100)
+                .map(|i| pb::SignalSeries {
+                    peer: format!("peer-{i}"),
+                    route: "default".into(),
+                    window: Some(window.clone()),
+                    ..Default::default()
+                })
+                .collect(),
+            paths: (0..100)
+                .map(|i| pb::SignalPath {
+                    method: "GET".into(),
+                    path: format!("/{i}"),
+                    window: Some(window.clone()),
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        let report = pb::SignalsReport {
+            query_id: 7,
+            buckets: (0..30).map(|i| bucket(i * 10)).collect(),
+            endpoints: Vec::new(),
+        };
+        assert!(report.encoded_len() > MAX_REPORT_BYTES);
+        let bounded = bounded_report(report);
+        assert!(bounded.encoded_len() <= MAX_REPORT_BYTES);
+        assert!(bounded.buckets.iter().all(|b| b.paths.is_empty()));
+        assert_eq!(bounded.buckets.last().map(|b| b.start_unix), Some(290));
+        assert_eq!(bounded.query_id, 7);
+    }
 }
