@@ -24,6 +24,10 @@ if [ "${#need[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
+# The shipped Prometheus rules and their unit tests.
+promtool check rules deploy/prometheus/rules.yml
+promtool test rules deploy/prometheus/rules_test.yml
+
 cargo nextest run --workspace --all-targets --no-fail-fast
 
 fuzz_seconds="${FUZZ_SECONDS:-30}"
