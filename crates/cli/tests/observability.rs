@@ -262,6 +262,47 @@ async fn tap_streams_requests_and_stops_when_the_client_disconnects() {
     assert_eq!(local.len(), 3, "{body}");
     assert_eq!(local[0]["path"], "/local/0");
 
+    // The CLI: `trellis tap` prints requests as they happen and exits after --max.
+    let mut cli_tap = tokio::process::Command::new(cli_bin())
+        .args(["--control-http", &format!("http://{}", cp.http)])
+        .args(["tap", "web", "--path", "/cli", "--max", "3", "-o", "json"])
+        .env("TRELLIS_ADMIN_TOKEN", cp.admin_token())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually(
+        "the CLI's tap reaches the proxy",
+        Duration::from_secs(10),
+        || async { (web.metrics.tap.subscribers() == 2).then_some(()) },
+    )
+    .await;
+    for i in 0..5 {
+        c.call("web", &format!("/cli/{i}"), &[]).await;
+    }
+    let status = tokio::time::timeout(Duration::from_secs(10), cli_tap.wait())
+        .await
+        .expect("trellis tap exits after --max")
+        .unwrap();
+    assert!(status.success());
+    let mut printed = String::new();
+    cli_tap
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut printed)
+        .await
+        .unwrap();
+    let paths: Vec<String> = printed
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["path"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(paths, ["/cli/0", "/cli/1", "/cli/2"]);
+
     drop(tap);
     eventually(
         "the proxy's tap ends with the client",
