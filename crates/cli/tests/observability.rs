@@ -604,10 +604,29 @@ async fn cardinality_stays_bounded_with_100k_distinct_paths() {
             assert!(b.series.len() <= 21);
         }
     }
+    // Totals stay exact: the paths kept (the last minute's buckets) add up to the requests
+    // of the same buckets, `other` included.
+    let mut expected = 0;
+    for b in web.metrics.signals.last(300) {
+        if b.paths.is_empty() {
+            continue;
+        }
+        let series: u64 = b.series.values().map(|w| w.requests).sum();
+        let paths: u64 = b.paths.values().map(|w| w.requests).sum();
+        assert_eq!(paths, series);
+        expected += paths;
+    }
+    assert!(expected > 0);
     let paths = get_json(&cp, "/api/v1/stats/paths?service=web&window=300&limit=1000").await;
     let items = paths["items"].as_array().unwrap();
     let counted: u64 = items.iter().map(|i| i["requests"].as_u64().unwrap()).sum();
-    assert_eq!(counted, u64::from(PATHS), "totals stay exact");
+    assert_eq!(counted, expected, "the control plane shows the same totals");
+    let services = get_json(&cp, "/api/v1/stats/services?service=web&window=300").await;
+    assert_eq!(
+        item(&services, "service", "web")["requests"],
+        u64::from(PATHS),
+        "every request counted once"
+    );
     assert!(items.iter().any(|i| i["path"] == "other"));
     assert!(items.len() <= 51 * 30, "{} path rows", items.len());
 }

@@ -27,6 +27,14 @@ pub const BUCKET_SECS: i64 = 10;
 /// Paths longer than this are cut (a client may send anything).
 const MAX_PATH_LEN: usize = 200;
 
+/// Bins one sketch keeps at most: γ^256 ≈ 160, so latencies spread over up to 160× keep full
+/// precision; beyond, the lowest bins fold together.
+pub const MAX_SKETCH_BINS: usize = 256;
+
+/// Per-path windows are kept for the newest this many buckets only (`trellis top` looks at the
+/// last minute); series windows for the whole history.
+pub const PATH_HISTORY_BUCKETS: usize = 6;
+
 /// Latencies below this (in microseconds) fall in one "tiny" bucket.
 const MIN_MICROS: f64 = 1.0;
 
@@ -54,6 +62,21 @@ impl LatencySketch {
         }
         let index = (micros.ln() / gamma().ln()).ceil() as i32;
         *self.buckets.entry(index).or_insert(0) += 1;
+        self.collapse();
+    }
+
+    /// Keeps at most [`MAX_SKETCH_BINS`] bins by folding the lowest into the next one up
+    /// (DDSketch's collapsing store): memory stays bounded, and only percentiles that fall in
+    /// the folded low end lose precision (over a 160× spread of latencies).
+    fn collapse(&mut self) {
+        while self.buckets.len() > MAX_SKETCH_BINS {
+            let Some((_, low)) = self.buckets.pop_first() else {
+                return;
+            };
+            if let Some(mut next) = self.buckets.first_entry() {
+                *next.get_mut() += low;
+            }
+        }
     }
 
     pub fn count(&self) -> u64 {
@@ -65,6 +88,7 @@ impl LatencySketch {
         for (i, c) in &other.buckets {
             *self.buckets.entry(*i).or_insert(0) += c;
         }
+        self.collapse();
     }
 
     /// The `q` quantile (0..=1) in milliseconds; `None` when empty. Nearest-rank over the
@@ -385,6 +409,12 @@ impl RollingSignals {
             while self.buckets.len() > self.limits.buckets.max(1) {
                 self.buckets.pop_front();
             }
+            let len = self.buckets.len();
+            if len > PATH_HISTORY_BUCKETS
+                && let Some(old) = self.buckets.get_mut(len - PATH_HISTORY_BUCKETS - 1)
+            {
+                old.paths = FastMap::default();
+            }
         }
         self.buckets.back_mut()
     }
@@ -516,6 +546,32 @@ mod tests {
     }
 
     #[test]
+    fn a_sketch_keeps_bounded_bins_and_its_high_percentiles() {
+        let mut s = LatencySketch::default();
+        // 1 µs .. 10 s: far more than 256 bins' worth of spread.
+        let values: Vec<f64> = (0..70_000)
+            .map(|i| 1.0 + f64::from(i) * f64::from(i) / 490.0)
+            .collect();
+        for v in &values {
+            s.record_micros(*v);
+        }
+        assert!(s.buckets.len() <= MAX_SKETCH_BINS);
+        assert_eq!(s.count(), 70_000);
+        for q in [0.9, 0.99] {
+            let exact = values[((q * values.len() as f64).ceil() as usize) - 1] / 1000.0;
+            let got = s.quantile_ms(q).expect("non-empty");
+            assert!(
+                (got - exact).abs() <= exact * RELATIVE_ERROR,
+                "q{q}: {got} vs {exact}"
+            );
+        }
+        let mut merged = s.clone();
+        merged.merge(&s);
+        assert!(merged.buckets.len() <= MAX_SKETCH_BINS);
+        assert_eq!(merged.count(), 140_000);
+    }
+
+    #[test]
     fn buckets_roll_and_history_is_bounded() {
         let limits = SignalLimits {
             buckets: 3,
@@ -529,6 +585,19 @@ mod tests {
         assert_eq!(kept.len(), 3);
         assert_eq!(kept[0].start_unix, 70);
         assert_eq!(s.since(85).len(), 2, "buckets 80 and 90 overlap t >= 85");
+
+        let mut long = RollingSignals::new(SignalLimits::default());
+        for t in (0..300).step_by(10) {
+            long.record(t, &obs("a", "/", true, 10.0));
+        }
+        let kept = long.since(0);
+        assert_eq!(kept.len(), 30);
+        let with_paths = kept.iter().filter(|b| !b.paths.is_empty()).count();
+        assert_eq!(
+            with_paths, PATH_HISTORY_BUCKETS,
+            "paths only for the last minute"
+        );
+        assert!(kept.iter().all(|b| b.series.len() == 1));
     }
 
     #[test]
