@@ -206,13 +206,42 @@ impl Mesh {
         }
         for svc in &mesh.services {
             for index in 0..svc.replicas {
-                if let Err(e) = this.start_replica(&proxy_bin, svc, index).await {
+                if let Err(e) = this.start_replica_retrying(&proxy_bin, svc, index).await {
                     this.stop().await;
                     return Err(e);
                 }
             }
         }
         Ok(this)
+    }
+
+    /// Ports are picked free and handed to the processes, so another program can take one in
+    /// between; a proxy that could not bind is started again on new ports (twice at most).
+    async fn start_replica_retrying(
+        &mut self,
+        proxy_bin: &Path,
+        svc: &ServiceSpec,
+        index: u32,
+    ) -> Result<(), UpError> {
+        let mut attempt = 0;
+        loop {
+            let started = self.processes.len();
+            let result = self.start_replica(proxy_bin, svc, index).await;
+            let proxy_log = self.run_dir.join(format!("{}-{index}.proxy.log", svc.name));
+            let port_taken = result.is_err()
+                && std::fs::read_to_string(&proxy_log)
+                    .is_ok_and(|log| log.contains("Address already in use"));
+            if !port_taken || attempt == 2 {
+                return result;
+            }
+            attempt += 1;
+            // Dropping them kills them (`kill_on_drop`).
+            self.processes.truncate(started);
+            let _ = std::fs::rename(
+                &proxy_log,
+                proxy_log.with_extension(format!("log.{attempt}")),
+            );
+        }
     }
 
     async fn start_replica(
