@@ -232,6 +232,7 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), UpError> {
         &format!("http://{}", mesh.control.http_addr),
         &mesh.control.admin_token,
     );
+    enable_demo_tracing(&mesh);
     println!("{}", mesh.table());
     println!("Dashboard: http://{}/\n", mesh.control.http_addr);
     println!(
@@ -292,6 +293,31 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), UpError> {
         return Err(UpError::Failed("no request succeeded; see the logs".into()));
     }
     Ok(())
+}
+
+/// Without a MeshConfig of the mesh's own, the demo samples 10% of requests and exports the
+/// spans to the control plane's built-in trace view (the dashboard's "Recent traces").
+fn enable_demo_tracing(mesh: &Mesh) {
+    use trellis_core::resources::Kind;
+    let store = &mesh.control.store;
+    if store
+        .list(Some(Kind::MeshConfig))
+        .is_ok_and(|configs| !configs.is_empty())
+    {
+        return;
+    }
+    let yaml = format!(
+        "apiVersion: trellis.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: mesh}}\nspec:\n  tracing: {{sampling: 0.1, otlpEndpoint: \"http://{}\", protocol: http/protobuf}}\n",
+        mesh.control.http_addr
+    );
+    match trellis_core::resources::parse_documents(&yaml) {
+        Ok(docs) => {
+            if let Err(e) = store.apply(&docs, "trellis-demo", false) {
+                eprintln!("trellis demo: tracing not enabled: {e}");
+            }
+        }
+        Err(e) => eprintln!("trellis demo: tracing not enabled: {e:?}"),
+    }
 }
 
 #[cfg(test)]

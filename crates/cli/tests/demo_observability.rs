@@ -129,6 +129,46 @@ fn dashboard_shows_the_demo_mesh_in_headless_chromium_and_stat_works() {
         assert!(row.contains('%') && row.contains("ms"), "{row}");
     }
 
+    // The demo exports 10% of traces to the control plane's trace view: a whole request,
+    // frontend → orders → inventory, is one trace of six spans in one tree.
+    let curl_json = |url: String| -> Value {
+        let out = Command::new("curl").args(["-fsS", &url]).output().unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let trace = loop {
+        let list = curl_json(format!("{}/api/v1/traces?limit=200", demo.base));
+        let whole =
+            list["items"].as_array().into_iter().flatten().find(|t| {
+                t["spans"] == 6 && t["services"].as_array().is_some_and(|s| s.len() == 3)
+            });
+        if let Some(t) = whole {
+            break t.clone();
+        }
+        assert!(Instant::now() < deadline, "no complete trace: {list}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let id = trace["trace_id"].as_str().unwrap();
+    let spans = curl_json(format!("{}/api/v1/traces/{id}", demo.base))["spans"]
+        .as_array()
+        .cloned()
+        .unwrap();
+    let ids: Vec<&str> = spans
+        .iter()
+        .map(|s| s["span_id"].as_str().unwrap())
+        .collect();
+    let roots = spans
+        .iter()
+        .filter(|s| {
+            s["parent_span_id"]
+                .as_str()
+                .is_none_or(|p| !ids.contains(&p))
+        })
+        .count();
+    assert_eq!(roots, 1, "one tree: {spans:?}");
+    assert_eq!(trace["services"][0], "frontend");
+    assert_eq!(trace["services"][2], "inventory");
+
     // A real browser renders the page (its script fetches the API, draws the graph and the
     // tables) and hands back the resulting DOM.
     let profile = demo.dir.join("chromium-profile");
@@ -169,6 +209,7 @@ fn dashboard_shows_the_demo_mesh_in_headless_chromium_and_stat_works() {
             "edge {edge}"
         );
     }
+    assert!(dom.contains("data-trace=\""), "recent traces listed");
     // Numbers, not placeholders: a success percentage and an RPS figure in the table.
     let frontend_row = dom
         .split("<tr data-service=\"frontend\"")

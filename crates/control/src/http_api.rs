@@ -33,6 +33,8 @@ pub struct ApiState {
     pub observer: Arc<crate::observe::Observer>,
     /// This API's own address (the control plane's entry in the Prometheus target list).
     pub http_addr: std::net::SocketAddr,
+    /// Recent traces exported here (`POST /v1/traces`), for the dashboard.
+    pub traces: Arc<crate::traces::RecentTraces>,
 }
 
 type Shared = Arc<ApiState>;
@@ -64,6 +66,9 @@ pub fn router(state: Shared) -> Router {
         .route("/api/v1/stats/paths", get(stats_paths))
         .route("/api/v1/tap", get(tap))
         .route("/api/v1/prometheus/targets", get(prometheus_targets))
+        .route("/api/v1/traces", get(list_traces))
+        .route("/api/v1/traces/{id}", get(get_trace))
+        .route("/v1/traces", axum::routing::post(ingest_traces))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_admin,
@@ -81,6 +86,11 @@ async fn require_admin(
     next: axum::middleware::Next,
 ) -> Response {
     let read_only = matches!(request.method().as_str(), "GET" | "HEAD");
+    // Proxies export spans here without a token (like any OTLP collector on the node); the
+    // sink is bounded and only feeds the dashboard.
+    if request.uri().path() == "/v1/traces" {
+        return next.run(request).await;
+    }
     // Tap shows live request metadata (paths, callers): operators only.
     let secret =
         request.uri().path().starts_with("/api/v1/tokens") || request.uri().path() == "/api/v1/tap";
@@ -611,6 +621,46 @@ async fn tap(State(st): State<Shared>, Query(q): Query<TapQuery>) -> Response {
         .into_response()
 }
 
+/// `POST /v1/traces`: OTLP/HTTP (protobuf) export into the recent-traces view.
+async fn ingest_traces(State(st): State<Shared>, body: Bytes) -> Response {
+    use prost::Message;
+    match trellis_api::otlp::ExportTraceServiceRequest::decode(body) {
+        Ok(request) => {
+            st.traces.ingest(request);
+            (
+                [(header::CONTENT_TYPE, "application/x-protobuf")],
+                trellis_api::otlp::ExportTraceServiceResponse::default().encode_to_vec(),
+            )
+                .into_response()
+        }
+        Err(e) => error(
+            StatusCode::BAD_REQUEST,
+            format!("not an OTLP ExportTraceServiceRequest: {e}"),
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+struct TracesQuery {
+    limit: Option<usize>,
+}
+
+/// `GET /api/v1/traces`: the most recent traces exported to this control plane.
+async fn list_traces(State(st): State<Shared>, Query(q): Query<TracesQuery>) -> Response {
+    axum::Json(json!({ "items": st.traces.list(q.limit.unwrap_or(50).min(1000)) })).into_response()
+}
+
+/// `GET /api/v1/traces/{id}`: one trace's spans.
+async fn get_trace(State(st): State<Shared>, Path(id): Path<String>) -> Response {
+    match st.traces.get(&id) {
+        Some(spans) => axum::Json(json!({ "trace_id": id, "spans": spans })).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("no trace {id} (only recent ones are kept)"),
+        ),
+    }
+}
+
 /// `GET /api/v1/prometheus/targets`: Prometheus HTTP service discovery (also usable as a
 /// `file_sd` file): every registered proxy's admin address and the control plane itself.
 async fn prometheus_targets(State(st): State<Shared>) -> Response {
@@ -850,6 +900,8 @@ pub fn openapi_document() -> serde_json::Value {
             "/api/v1/stats/routes": { "get": { "summary": "Golden signals per route of a service", "parameters": [{ "name": "service", "in": "query", "required": true, "schema": { "type": "string" } }, { "name": "window", "in": "query", "schema": { "type": "integer" } }], "responses": { "200": { "description": "signals", "content": { "application/json": { "schema": { "type": "object" } } } } } } },
             "/api/v1/stats/paths": { "get": { "summary": "Busiest paths of a service", "parameters": [{ "name": "service", "in": "query", "required": true, "schema": { "type": "string" } }, { "name": "window", "in": "query", "schema": { "type": "integer" } }, { "name": "limit", "in": "query", "schema": { "type": "integer" } }], "responses": { "200": { "description": "signals", "content": { "application/json": { "schema": { "type": "object" } } } } } } },
             "/api/v1/tap": { "get": { "summary": "Live request metadata of a service as newline-delimited JSON (admin token)", "parameters": [{ "name": "service", "in": "query", "required": true, "schema": { "type": "string" } }, { "name": "path", "in": "query", "schema": { "type": "string" } }, { "name": "method", "in": "query", "schema": { "type": "string" } }, { "name": "rate", "in": "query", "description": "events per second per proxy, at most 100", "schema": { "type": "integer" } }], "responses": { "200": { "description": "stream", "content": { "application/x-ndjson": {} } } } } },
+            "/api/v1/traces": { "get": { "summary": "Recent traces exported to this control plane (POST /v1/traces, OTLP/HTTP protobuf)", "parameters": [{ "name": "limit", "in": "query", "schema": { "type": "integer" } }], "responses": { "200": { "description": "trace summaries", "content": { "application/json": { "schema": { "type": "object" } } } } } } },
+            "/api/v1/traces/{id}": { "get": { "summary": "One recent trace's spans", "parameters": [{ "name": "id", "in": "path", "required": true, "schema": { "type": "string" } }], "responses": { "200": { "description": "spans", "content": { "application/json": { "schema": { "type": "object" } } } }, "404": { "description": "not kept" } } } },
             "/api/v1/prometheus/targets": { "get": { "summary": "Prometheus HTTP service discovery: proxies' admin addresses and the control plane", "responses": { "200": { "description": "target groups", "content": { "application/json": { "schema": { "type": "array" } } } } } } }
         },
         "components": { "schemas": {

@@ -15,6 +15,7 @@ pub mod rotation;
 pub mod store;
 pub mod tls_server;
 pub mod tokens;
+pub mod traces;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -317,6 +318,7 @@ pub async fn start(config: ControlConfig) -> Result<Running, StartError> {
         trust_domain: config.trust_domain.clone(),
         observer,
         http_addr,
+        traces: Arc::default(),
     }));
     let stop = shutdown.clone();
     tokio::spawn(async move {
