@@ -28,10 +28,57 @@ pub mod pb {
     tonic::include_proto!("trellis.control.v1");
 }
 
-/// OTLP trace export messages and service (a subset of opentelemetry-proto, wire-compatible).
-#[allow(clippy::all, unreachable_pub, missing_docs)]
+/// OTLP trace export messages and service (a subset of opentelemetry-proto, wire-compatible),
+/// and the helpers every producer and reader of them needs.
 pub mod otlp {
-    tonic::include_proto!("opentelemetry.proto.collector.trace.v1");
+    #[allow(clippy::all, unreachable_pub, missing_docs)]
+    mod generated {
+        tonic::include_proto!("opentelemetry.proto.collector.trace.v1");
+    }
+    pub use generated::*;
+
+    const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+
+    /// Lower-case hex of `bytes` into `out` (twice as long), without allocating: trace and
+    /// span ids are written per request.
+    pub fn hex_into(bytes: &[u8], out: &mut [u8]) {
+        for (b, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+            pair[0] = HEX_DIGITS[(b >> 4) as usize];
+            pair[1] = HEX_DIGITS[(b & 15) as usize];
+        }
+    }
+
+    /// Lower-case hex of a trace or span id, as W3C `traceparent` and OTLP/JSON write them.
+    pub fn hex(bytes: &[u8]) -> String {
+        let mut out = vec![0u8; bytes.len() * 2];
+        hex_into(bytes, &mut out);
+        // Only ASCII hex digits were written.
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// An attribute's value as text.
+    pub fn value_text(v: &AnyValue) -> String {
+        match &v.value {
+            Some(any_value::Value::StringValue(s)) => s.clone(),
+            Some(any_value::Value::BoolValue(b)) => b.to_string(),
+            Some(any_value::Value::IntValue(i)) => i.to_string(),
+            Some(any_value::Value::DoubleValue(d)) => d.to_string(),
+            None => String::new(),
+        }
+    }
+
+    impl ResourceSpans {
+        /// The reporting service (`service.name` of the resource), or "".
+        pub fn service_name(&self) -> String {
+            self.resource
+                .iter()
+                .flat_map(|r| r.attributes.iter())
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| kv.value.as_ref())
+                .map(value_text)
+                .unwrap_or_default()
+        }
+    }
 }
 
 pub mod signals;

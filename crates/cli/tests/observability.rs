@@ -337,17 +337,7 @@ async fn a_trace_through_three_services_reaches_the_otlp_receiver() {
     let a = chain_link_with_app(&cp, "svc-a", Some("svc-b")).await;
     let (client, up) = caller(&cp, "svc-a", &[]).await;
     wait_endpoints(&client, "svc-a", 1).await;
-    for p in [&a.0, &b.0, &c.0, &client] {
-        eventually(
-            "tracing configured",
-            Duration::from_secs(5),
-            || async move {
-                let (_, body) = http_call(p.bound.admin, "GET", "/config", "", None).await;
-                body.contains("\"tracing\": true").then_some(())
-            },
-        )
-        .await;
-    }
+    wait_tracing(&[&a.0, &b.0, &c.0, &client]).await;
 
     let mut caller_client = Client::connect(up).await;
     let answer = caller_client.call("svc-a", "/start", &[]).await;
@@ -436,36 +426,28 @@ async fn b3_callers_are_joined_and_spans_export_over_otlp_http() {
     let (_app, web) = instance("web", "web-0", Behavior::default(), &cp, &[]).await;
     let (client, up) = caller(&cp, "web", &[]).await;
     wait_endpoints(&client, "web", 1).await;
-    for p in [&web, &client] {
-        eventually(
-            "tracing configured",
-            Duration::from_secs(5),
-            || async move {
-                let (_, body) = http_call(p.bound.admin, "GET", "/config", "", None).await;
-                body.contains("\"tracing\": true").then_some(())
-            },
-        )
-        .await;
-    }
+    wait_tracing(&[&web, &client]).await;
     let mut c = Client::connect(up).await;
-    let b3 = "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1";
-    assert_eq!(c.call("web", "/", &[("b3", b3)]).await.status, 200);
-    // Not sampled by the caller: no spans.
+    // Not sampled by the caller: no spans. Sent first: each proxy exports its spans in order,
+    // so once the sampled request's spans are in, any from this one would be too.
     let unsampled = "80f198ee56343ba864fe8b2a57d3eff8-e457b5a2e4d86bd1-0";
     assert_eq!(c.call("web", "/", &[("b3", unsampled)]).await.status, 200);
+    let b3 = "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1";
+    assert_eq!(c.call("web", "/", &[("b3", b3)]).await.status, 200);
 
     let spans = eventually(
-        "two spans over OTLP/HTTP",
+        "spans from both proxies",
         Duration::from_secs(10),
         || async {
             let spans = receiver.spans();
-            (spans.len() >= 2).then_some(spans)
+            let services: std::collections::HashSet<String> =
+                spans.iter().map(|s| s.service.clone()).collect();
+            (services.len() == 2).then_some(spans)
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(receiver.spans().len(), 2, "the unsampled request made none");
-    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    assert_eq!(spans.len(), 2, "the unsampled request made none");
+    let hex = trellis_api::otlp::hex;
     let client_span = spans.iter().find(|s| s.service == "client").unwrap();
     let web_span = spans.iter().find(|s| s.service == "web").unwrap();
     assert_eq!(
@@ -480,15 +462,28 @@ async fn b3_callers_are_joined_and_spans_export_over_otlp_http() {
         .attributes
         .iter()
         .find(|kv| kv.key == "trellis.peer.identity")
-        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
-            trellis_api::otlp::any_value::Value::StringValue(s) => Some(s.clone()),
-            _ => None,
-        });
+        .and_then(|kv| kv.value.as_ref())
+        .map(trellis_api::otlp::value_text);
     assert_eq!(
         peer.as_deref(),
         Some("spiffe://trellis.local/ns/default/svc/client"),
         "the server span names the verified caller"
     );
+}
+
+/// Waits until MeshConfig `tracing` reached every one of `proxies`.
+async fn wait_tracing(proxies: &[&trellis_proxy::app::Running]) {
+    for p in proxies {
+        eventually(
+            "tracing configured",
+            Duration::from_secs(5),
+            || async move {
+                let (_, body) = http_call(p.bound.admin, "GET", "/config", "", None).await;
+                body.contains("\"tracing\": true").then_some(())
+            },
+        )
+        .await;
+    }
 }
 
 /// A chain link: a test app that calls `next` through its proxy's outbound listener and

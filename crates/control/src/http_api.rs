@@ -479,16 +479,8 @@ async fn audit(State(st): State<Shared>, Query(q): Query<AuditQuery>) -> Respons
         Some(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("since: {e}")),
     };
     let limit = q.limit.unwrap_or(100).min(10_000);
-    // Filtering by action happens after the read: ask for the most the API allows then.
-    let read = if q.action.is_some() { 10_000 } else { limit };
-    match st.store.audit(since.as_deref(), read) {
-        Ok(mut records) => {
-            if let Some(action) = &q.action {
-                records.retain(|r| &r.action == action);
-                records.truncate(limit);
-            }
-            axum::Json(json!({ "items": records })).into_response()
-        }
+    match st.store.audit(since.as_deref(), q.action.as_deref(), limit) {
+        Ok(records) => axum::Json(json!({ "items": records })).into_response(),
         Err(e) => storage_error(e),
     }
 }
@@ -558,9 +550,8 @@ async fn stats_edges(State(st): State<Shared>, Query(q): Query<StatsQuery>) -> R
 
 /// `GET /api/v1/stats/routes?service=`: per route of a service.
 async fn stats_routes(State(st): State<Shared>, Query(q): Query<StatsQuery>) -> Response {
-    let service = match stats_service(&q) {
-        Ok(Some(s)) => s,
-        Ok(None) => return error(StatusCode::BAD_REQUEST, "service is required"),
+    let service = match stats_service(&q).and_then(|s| s.ok_or("service is required".into())) {
+        Ok(s) => s,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     let gathered = st
@@ -572,9 +563,8 @@ async fn stats_routes(State(st): State<Shared>, Query(q): Query<StatsQuery>) -> 
 
 /// `GET /api/v1/stats/paths?service=`: the busiest paths of a service.
 async fn stats_paths(State(st): State<Shared>, Query(q): Query<StatsQuery>) -> Response {
-    let service = match stats_service(&q) {
-        Ok(Some(s)) => s,
-        Ok(None) => return error(StatusCode::BAD_REQUEST, "service is required"),
+    let service = match stats_service(&q).and_then(|s| s.ok_or("service is required".into())) {
+        Ok(s) => s,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     let gathered = st

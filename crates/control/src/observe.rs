@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use trellis_api::pb;
 use trellis_core::discovery::DiscoveredEndpoint;
 use trellis_core::names::ServiceName;
-use trellis_core::signals::{BUCKET_SECS, Bucket, Direction, Window, merge_buckets};
+use trellis_core::signals::{BUCKET_SECS, Bucket, Direction, SeriesKey, Window, merge_buckets};
 
 use crate::hub::{Hub, Push, SessionId, SessionTarget};
 use crate::store::Store;
@@ -362,6 +362,22 @@ fn merged(g: &Gathered, keep: impl Fn(&SessionTarget) -> bool) -> BTreeMap<i64, 
     )
 }
 
+/// The total and the per-bucket points of the series `keep` selects.
+fn accumulate(
+    buckets: &BTreeMap<i64, Bucket>,
+    keep: impl Fn(&SeriesKey) -> bool,
+) -> (Window, BTreeMap<i64, Window>) {
+    let mut total = Window::default();
+    let mut points: BTreeMap<i64, Window> = BTreeMap::new();
+    for (start, b) in buckets {
+        for (_, w) in b.series.iter().filter(|(k, _)| keep(k)) {
+            total.merge(w);
+            points.entry(*start).or_default().merge(w);
+        }
+    }
+    (total, points)
+}
+
 /// Per-bucket points for sparklines.
 fn series_json(points: &BTreeMap<i64, Window>) -> Vec<Value> {
     points
@@ -409,16 +425,7 @@ pub fn services_view(
         .map(|name| {
             let buckets = merged(g, |t| t.service == name);
             let secs = covered_secs(g, &buckets);
-            let mut total = Window::default();
-            let mut points: BTreeMap<i64, Window> = BTreeMap::new();
-            for (start, b) in &buckets {
-                for (k, w) in &b.series {
-                    if k.direction == Direction::Inbound {
-                        total.merge(w);
-                        points.entry(*start).or_default().merge(w);
-                    }
-                }
-            }
+            let (total, points) = accumulate(&buckets, |k| k.direction == Direction::Inbound);
             let instances = registry.get(&name).cloned().unwrap_or_default();
             let endpoints: Vec<Value> = instances
                 .iter()
@@ -467,69 +474,49 @@ pub fn edges_view(
     registry: &BTreeMap<ServiceName, Vec<DiscoveredEndpoint>>,
     trust_domain: &str,
 ) -> Value {
-    /// One edge's traffic: the caller's namespace, the total and the per-bucket points.
-    #[derive(Default)]
-    struct Edge {
-        namespace: String,
-        total: Window,
-        points: BTreeMap<i64, Window>,
-    }
-    let mut edges: BTreeMap<(String, String), Edge> = BTreeMap::new();
-    let buckets_by_proxy: Vec<(&SessionTarget, &Bucket)> = g
-        .answers
-        .iter()
-        .flat_map(|a| a.buckets.iter().map(move |b| (&a.target, b)))
-        .filter(|(_, b)| b.start_unix + BUCKET_SECS > g.now_unix - i64::from(g.window_secs))
-        .collect();
-    let mut oldest = g.now_unix;
-    for (target, bucket) in buckets_by_proxy {
-        oldest = oldest.min(bucket.start_unix);
-        for (k, w) in &bucket.series {
-            if k.direction != Direction::Outbound {
-                continue;
-            }
-            let edge = edges
-                .entry((target.service.to_string(), k.peer.clone()))
-                .or_insert_with(|| Edge {
-                    namespace: target.namespace.as_str().to_owned(),
-                    ..Edge::default()
-                });
-            edge.total.merge(w);
-            edge.points.entry(bucket.start_unix).or_default().merge(w);
+    let mut callers: Vec<&SessionTarget> = Vec::new();
+    for a in &g.answers {
+        if !callers.iter().any(|c| c.service == a.target.service) {
+            callers.push(&a.target);
         }
     }
-    let secs = ((g.now_unix - oldest.max(g.now_unix - i64::from(g.window_secs))) as f64).max(1.0);
-    let items = edges
-        .into_iter()
-        .map(
-            |(
-                (src, dst),
-                Edge {
-                    namespace,
-                    total,
-                    points,
-                },
-            )| {
-                let mut item = summary_json(&total, secs);
-                item["src"] = json!(src);
-                item["dst"] = json!(dst);
-                item["src_identity"] =
-                    json!(format!("spiffe://{trust_domain}/ns/{namespace}/svc/{src}"));
-                let callee = ServiceName::new(dst.as_str())
-                    .ok()
-                    .and_then(|name| registry.get(&name)?.first().cloned());
-                item["dst_identity"] = match callee {
-                    Some(e) if total.tls > 0 => json!(format!(
-                        "spiffe://{trust_domain}/ns/{}/svc/{dst}",
-                        e.namespace.as_str()
-                    )),
-                    _ => Value::Null,
-                };
-                item["series"] = json!(series_json(&points));
-                item
-            },
-        )
-        .collect();
+    callers.sort_by(|a, b| a.service.cmp(&b.service));
+    let mut items = Vec::new();
+    for caller in callers {
+        let src = &caller.service;
+        let buckets = merged(g, |t| t.service == *src);
+        let secs = covered_secs(g, &buckets);
+        let peers: std::collections::BTreeSet<&str> = buckets
+            .values()
+            .flat_map(|b| b.series.keys())
+            .filter(|k| k.direction == Direction::Outbound)
+            .map(|k| k.peer.as_str())
+            .collect();
+        for dst in peers {
+            let (total, points) = accumulate(&buckets, |k| {
+                k.direction == Direction::Outbound && k.peer == dst
+            });
+            let mut item = summary_json(&total, secs);
+            item["src"] = json!(src);
+            item["dst"] = json!(dst);
+            item["src_identity"] = json!(format!(
+                "spiffe://{trust_domain}/ns/{}/svc/{src}",
+                caller.namespace.as_str()
+            ));
+            let callee = ServiceName::new(dst)
+                .ok()
+                .and_then(|name| registry.get(&name)?.first().cloned());
+            item["dst_identity"] = match callee {
+                Some(e) if total.tls > 0 => json!(format!(
+                    "spiffe://{trust_domain}/ns/{}/svc/{dst}",
+                    e.namespace.as_str()
+                )),
+                _ => Value::Null,
+            };
+            item["series"] = json!(series_json(&points));
+            items.push(item);
+        }
+    }
     envelope(g, items)
 }
 

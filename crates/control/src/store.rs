@@ -83,8 +83,14 @@ pub trait Store: Send + Sync + 'static {
     /// All resources, or those of one kind, ordered by kind, namespace, name.
     fn list(&self, kind: Option<Kind>) -> Result<Vec<StoredResource>, StoreError>;
     /// The newest `limit` audit records at or after `since` (an RFC 3339 time, as records
-    /// carry), newest first: configuration changes and recorded events together.
-    fn audit(&self, since: Option<&str>, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
+    /// carry) and with `action` when given, newest first: configuration changes and recorded
+    /// events together.
+    fn audit(
+        &self,
+        since: Option<&str>,
+        action: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StoreError>;
     /// Records an event that is not a configuration change (a certificate issued, denials a
     /// proxy reported). The oldest events are dropped beyond [`MAX_EVENTS`].
     fn record_event(
@@ -306,18 +312,31 @@ impl Store for RedbStore {
         Ok(all)
     }
 
-    fn audit(&self, since: Option<&str>, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+    fn audit(
+        &self,
+        since: Option<&str>,
+        action: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
         let txn = self.db.begin_read()?;
         let mut out = Vec::new();
         for table in [txn.open_table(AUDIT)?, txn.open_table(EVENTS)?] {
-            for entry in table.iter()?.rev().take(limit) {
+            let mut kept = 0;
+            for entry in table.iter()?.rev() {
                 let (_, v) = entry?;
                 let record: AuditRecord = decode(v.value())?;
                 // Both tables grow in time order, so the first older record ends this one.
                 if since.is_some_and(|s| record.time.as_str() < s) {
                     break;
                 }
+                if action.is_some_and(|a| a != record.action) {
+                    continue;
+                }
                 out.push(record);
+                kept += 1;
+                if kept == limit {
+                    break;
+                }
             }
         }
         // RFC 3339 UTC times with a fixed format sort as strings.
@@ -451,7 +470,7 @@ mod tests {
             .expect("apply");
         assert_eq!(changed.results[0].action, "configured");
         assert_eq!(changed.version, 2);
-        let audit = store.audit(None, 10).expect("audit");
+        let audit = store.audit(None, None, 10).expect("audit");
         assert_eq!(audit.len(), 2);
         assert_eq!(audit[0].actor, "bob");
         assert!(audit[0].old.is_some() && audit[0].new.is_some());
@@ -503,7 +522,10 @@ mod tests {
         assert!(store.get(&key).expect("get").is_some());
         assert_eq!(store.delete(&key, "carol").expect("delete"), Some(3));
         assert_eq!(store.delete(&key, "carol").expect("delete"), None);
-        assert_eq!(store.audit(None, 1).expect("audit")[0].action, "deleted");
+        assert_eq!(
+            store.audit(None, None, 1).expect("audit")[0].action,
+            "deleted"
+        );
         assert_eq!(store.list(Some(Kind::HTTPRoute)).expect("list").len(), 1);
 
         // Records carry millisecond times; the event must be strictly newer.
@@ -516,13 +538,23 @@ mod tests {
                 serde_json::json!({"serial": "01"}),
             )
             .expect("event");
-        let audit = store.audit(None, 10).expect("audit");
+        let audit = store.audit(None, None, 10).expect("audit");
         assert_eq!(
             audit[0].action, "certificate-issued",
             "newest first across tables"
         );
         assert_eq!(audit[1].action, "deleted");
-        assert!(store.audit(Some("9999"), 10).expect("audit").is_empty());
-        assert_eq!(store.audit(Some("2000"), 10).expect("audit").len(), 4);
+        assert!(
+            store
+                .audit(Some("9999"), None, 10)
+                .expect("audit")
+                .is_empty()
+        );
+        assert_eq!(store.audit(Some("2000"), None, 10).expect("audit").len(), 4);
+        let issued = store
+            .audit(None, Some("certificate-issued"), 10)
+            .expect("audit");
+        assert_eq!(issued.len(), 1);
+        assert_eq!(issued[0].resource, "spiffe://t/ns/default/svc/web");
     }
 }

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 
 use serde::Serialize;
-use trellis_api::otlp;
+use trellis_api::otlp::{self, hex, value_text};
 
 /// Traces kept (oldest forgotten first).
 pub const MAX_TRACES: usize = 200;
@@ -65,20 +65,6 @@ pub struct RecentTraces {
     state: Mutex<State>,
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn text(v: &otlp::AnyValue) -> String {
-    match &v.value {
-        Some(otlp::any_value::Value::StringValue(s)) => s.clone(),
-        Some(otlp::any_value::Value::BoolValue(b)) => b.to_string(),
-        Some(otlp::any_value::Value::IntValue(i)) => i.to_string(),
-        Some(otlp::any_value::Value::DoubleValue(d)) => d.to_string(),
-        None => String::new(),
-    }
-}
-
 impl RecentTraces {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -89,14 +75,7 @@ impl RecentTraces {
         let mut kept = 0;
         let mut st = self.lock();
         for rs in request.resource_spans {
-            let service = rs
-                .resource
-                .iter()
-                .flat_map(|r| r.attributes.iter())
-                .find(|kv| kv.key == "service.name")
-                .and_then(|kv| kv.value.as_ref())
-                .map(text)
-                .unwrap_or_default();
+            let service = rs.service_name();
             for span in rs.scope_spans.into_iter().flat_map(|s| s.spans) {
                 if span.trace_id.len() != 16 || span.span_id.len() != 8 {
                     continue;
@@ -126,7 +105,7 @@ impl RecentTraces {
                         .filter_map(|kv| {
                             Some((
                                 kv.key.clone(),
-                                text(kv.value.as_ref()?).chars().take(200).collect(),
+                                value_text(kv.value.as_ref()?).chars().take(200).collect(),
                             ))
                         })
                         .collect(),

@@ -61,48 +61,41 @@ pub fn spawn(listener: std::net::TcpListener, state: AdminState) -> std::io::Res
     let connections = TaskTracker::new();
     let tracker = connections.clone();
     listener.set_nonblocking(true)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let state = Arc::new(state);
-    std::thread::Builder::new()
-        .name("admin".into())
-        .spawn(move || {
-            rt.block_on(async move {
-                let listener = match tokio::net::TcpListener::from_std(listener) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::error!(error = %e, "admin listener failed");
-                        return;
-                    }
-                };
-                loop {
-                    let Ok((stream, client)) = listener.accept().await else {
-                        continue;
-                    };
+    crate::spawn_with_own_runtime("admin", move || async move {
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "admin listener failed");
+                return;
+            }
+        };
+        loop {
+            let Ok((stream, client)) = listener.accept().await else {
+                continue;
+            };
+            let state = state.clone();
+            tracker.spawn(async move {
+                let drained = state.drain.signaled();
+                let svc = hyper::service::service_fn(move |req| {
                     let state = state.clone();
-                    tracker.spawn(async move {
-                        let drained = state.drain.signaled();
-                        let svc = hyper::service::service_fn(move |req| {
-                            let state = state.clone();
-                            async move { Ok::<_, Infallible>(route(req, client, &state).await) }
-                        });
-                        let conn = hyper::server::conn::http1::Builder::new()
-                            .timer(TokioTimer::new())
-                            .header_read_timeout(std::time::Duration::from_secs(10))
-                            .serve_connection(TokioIo::new(stream), svc);
-                        tokio::pin!(conn);
-                        tokio::select! {
-                            _ = conn.as_mut() => {}
-                            _ = drained => {
-                                conn.as_mut().graceful_shutdown();
-                                let _ = conn.await;
-                            }
-                        }
-                    });
+                    async move { Ok::<_, Infallible>(route(req, client, &state).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(std::time::Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(stream), svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    _ = drained => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
                 }
-            })
-        })?;
+            });
+        }
+    })?;
     Ok(AdminHandle { connections })
 }
 

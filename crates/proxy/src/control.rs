@@ -75,13 +75,7 @@ enum SessionEnd {
 impl ControlClient {
     /// Runs the client on a dedicated thread until the process exits.
     pub fn spawn(self) -> std::io::Result<()> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        std::thread::Builder::new()
-            .name("control".into())
-            .spawn(move || rt.block_on(self.run()))?;
-        Ok(())
+        crate::spawn_with_own_runtime("control", move || self.run())
     }
 
     /// A channel to the control plane over TLS: the server must be the control plane of our
@@ -308,7 +302,17 @@ impl ControlClient {
                 let report = bounded_report(pb::SignalsReport {
                     query_id: r.query_id,
                     buckets: buckets.iter().map(Into::into).collect(),
-                    endpoints: unavailable_endpoints(&self.destinations.describe()),
+                    endpoints: self
+                        .destinations
+                        .unavailable()
+                        .into_iter()
+                        .map(|(service, address, health)| pb::EndpointState {
+                            service: service.to_string(),
+                            address: address.to_string(),
+                            state: health.state.to_owned(),
+                            reason: health.reason.unwrap_or_default(),
+                        })
+                        .collect(),
                 });
                 // A full queue means the session is in trouble; the control plane times out.
                 let _ = tx.try_send(send(pb::proxy_message::Message::Signals(report)));
@@ -505,32 +509,6 @@ fn bounded_report(mut report: pb::SignalsReport) -> pb::SignalsReport {
     }
     report.endpoints.truncate(1000);
     report
-}
-
-/// The endpoints this proxy keeps out of rotation, from the `/config` view of its
-/// destinations.
-fn unavailable_endpoints(destinations: &serde_json::Value) -> Vec<pb::EndpointState> {
-    let mut out = Vec::new();
-    let Some(map) = destinations.as_object() else {
-        return out;
-    };
-    for (service, d) in map {
-        for e in d["endpoints"].as_array().into_iter().flatten() {
-            let state = e["state"].as_str().unwrap_or("unknown");
-            if state != "healthy" {
-                out.push(pb::EndpointState {
-                    service: service.clone(),
-                    address: e["address"].as_str().unwrap_or_default().to_owned(),
-                    state: state.to_owned(),
-                    reason: e["health"]["reason"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_owned(),
-                });
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]

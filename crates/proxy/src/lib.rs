@@ -29,5 +29,21 @@ pub mod tap;
 pub mod tcp;
 pub mod trace;
 
+/// Runs `task` on a thread of its own with a single-threaded runtime, so that work (admin,
+/// control session, span export) never takes a worker from the data path.
+pub fn spawn_with_own_runtime<F, Fut>(name: &str, task: F) -> std::io::Result<()>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || rt.block_on(task()))?;
+    Ok(())
+}
+
 /// The error type every boxed body and service boundary uses.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

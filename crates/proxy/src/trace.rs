@@ -22,6 +22,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, watch};
 use trellis_api::otlp;
+pub use trellis_api::otlp::hex;
+use trellis_api::otlp::hex_into;
 use trellis_core::resources::{OtlpProtocol, TracingConfig};
 
 use crate::http::destinations::random_u64;
@@ -75,23 +77,6 @@ fn b3_trace_id(s: &str) -> Option<[u8; 16]> {
     } else {
         hex_bytes(s)
     }
-}
-
-const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
-
-/// Lower-case hex of `bytes` into `out` (twice as long).
-fn hex_into(bytes: &[u8], out: &mut [u8]) {
-    for (b, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
-        pair[0] = HEX_DIGITS[(b >> 4) as usize];
-        pair[1] = HEX_DIGITS[(b & 15) as usize];
-    }
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    let mut out = vec![0u8; bytes.len() * 2];
-    hex_into(bytes, &mut out);
-    // Only ASCII hex digits were written.
-    String::from_utf8(out).unwrap_or_default()
 }
 
 /// Reads `traceparent`, else `b3`, else `x-b3-*`. Malformed values are ignored (a new trace
@@ -352,6 +337,7 @@ impl Tracer {
     }
 
     /// A tracer that never samples (tests of other layers).
+    #[cfg(test)]
     pub fn disabled() -> Tracer {
         Tracer::new(
             &mut Registry::default(),
@@ -420,13 +406,7 @@ impl Exporter {
     /// Runs on a thread of its own, so export (and a slow collector) never touches the data
     /// path's runtime.
     pub fn spawn(self) -> std::io::Result<()> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        std::thread::Builder::new()
-            .name("trace-export".into())
-            .spawn(move || rt.block_on(self.run()))?;
-        Ok(())
+        crate::spawn_with_own_runtime("trace-export", move || self.run())
     }
 
     /// The spans queued so far (tests of the trace layer read them here).

@@ -42,16 +42,7 @@ impl Drop for OtlpReceiver {
 fn keep(spans: &Spans, request: otlp::ExportTraceServiceRequest) {
     let mut all = spans.lock().unwrap();
     for rs in request.resource_spans {
-        let service = rs
-            .resource
-            .iter()
-            .flat_map(|r| r.attributes.iter())
-            .find(|kv| kv.key == "service.name")
-            .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
-                otlp::any_value::Value::StringValue(s) => Some(s.clone()),
-                _ => None,
-            })
-            .unwrap_or_default();
+        let service = rs.service_name();
         for ss in rs.scope_spans {
             for span in ss.spans {
                 all.push(ReceivedSpan {

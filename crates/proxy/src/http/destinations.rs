@@ -22,7 +22,7 @@ use trellis_core::{Destination, Endpoint, Namespace, ProtocolHint, ServiceName};
 
 use crate::error::ProxyError;
 use crate::http::balance::{self, BalancerState, Candidates, EndpointLoad, EndpointMeta, InFlight};
-use crate::http::outlier::{Outcome, Transition};
+use crate::http::outlier::{HealthView, Outcome, Transition};
 use crate::layers::concurrency::Limiter;
 use crate::layers::retry::RetryBudget;
 use crate::metrics::Label;
@@ -614,6 +614,24 @@ impl Destinations {
             map.remove(name);
         }
         stale
+    }
+
+    /// The endpoints this proxy keeps out of rotation (ejected, half-open, failing health
+    /// checks), with their destination and why.
+    pub fn unavailable(&self) -> Vec<(ServiceName, std::net::SocketAddr, HealthView)> {
+        let map = self.by_name.read().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for (name, state) in map.iter() {
+            let s = state.snapshot();
+            for (e, l) in s.endpoints.iter().zip(s.loads.iter()) {
+                let health = l.health.view(now);
+                if health.state != "healthy" {
+                    out.push((name.clone(), e.address, health));
+                }
+            }
+        }
+        out
     }
 
     /// JSON view for `/config`.
